@@ -1,0 +1,1 @@
+"""The harness: CLI, config, the continual loop, end-task fine-tuning, metrics and tables."""

@@ -1,0 +1,68 @@
+"""What the loop hands every method hook: config, model, data of the run, and the accelerator."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from datasets import Dataset
+from torch import Tensor, nn
+
+from benchmark.config import RunConfig
+from benchmark.data import endless, mlm_loader, tokenize_corpus
+
+
+@dataclass
+class Context:
+    config: RunConfig
+    suite: Any  # tasks.Suite; typed loosely so methods need not import tasks/
+    domains: list[str]  # the run's domain names in order
+    model: nn.Module  # the masked LM being DAP-trained (a method may wrap or replace it)
+    tokenizer: Any
+    accelerator: Accelerator
+    run_dir: Path
+    t: int = 0  # index of the domain being trained
+    step: int = 0  # DAP step within the domain
+    total_steps: int = 0  # DAP steps planned for the domain
+    _base: nn.Module | None = None
+    _corpora: dict[Any, Dataset] = field(default_factory=dict)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where a method writes inspectable per-domain artefacts (importance arrays, ...)."""
+        path = self.run_dir / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def base_model(self) -> nn.Module:
+        """A fresh copy of θ0, the masked LM before any DAP-training."""
+        return copy.deepcopy(self._base)
+
+    def corpus(self, t: int) -> Dataset:
+        """Domain t's corpus, tokenised (column `input_ids`)."""
+        if t not in self._corpora:
+            raw = self.suite.domains[self.domains[t]].corpus
+            self._corpora[t] = tokenize_corpus(raw, self.tokenizer, self.config.max_length)
+        return self._corpora[t]
+
+    def general_corpus(self) -> Dataset | None:
+        """The suite's held-out general corpus, tokenised, or None where it has none."""
+        if self.suite.general_corpus is None:
+            return None
+        if "general" not in self._corpora:
+            self._corpora["general"] = tokenize_corpus(
+                self.suite.general_corpus, self.tokenizer, self.config.max_length)
+        return self._corpora["general"]
+
+    def mlm_batches(self, data: Dataset, seed: int, batch_size: int | None = None,
+                    shuffle: bool = True) -> Iterator[dict[str, Tensor]]:
+        """Masked batches of `data`, endlessly, placed on the accelerator's device."""
+        loader = mlm_loader(data, self.tokenizer, batch_size or self.config.dap_batch_size,
+                            self.config.mlm_probability, seed, shuffle=shuffle)
+        device = self.accelerator.device
+        for batch in endless(loader):
+            yield {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,105 @@
+"""Tokenisation, MLM masking and batching: dynamic padding, seeded masks, endless DAP streams."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from datasets import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+
+def tokenize_corpus(corpus: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Tokenise a `text` column into `input_ids` (special tokens added, truncated)."""
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"]}
+
+    keep = [c for c in corpus.column_names if c != "text"]
+    return corpus.map(encode, batched=True, remove_columns=["text", *keep],
+                      desc="tokenising corpus", load_from_cache_file=True)
+
+
+def tokenize_task(split: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Tokenise an end-task split (`text`, optional `text_pair`, `label`)."""
+
+    def encode(batch):
+        pair = batch.get("text_pair")
+        enc = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "label": batch["label"]}
+
+    drop = [c for c in split.column_names if c not in ("label",)]
+    return split.map(encode, batched=True, remove_columns=drop, desc="tokenising task",
+                     load_from_cache_file=True)
+
+
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+class MLMCollator:
+    """Pads a batch and masks it BERT-style (80 % [MASK], 10 % random, 10 % kept).
+
+    Masks come from the collator's own generator so that they depend only on the seed, not on
+    how much randomness the model's dropout consumed. Every sequence gets at least one masked
+    token (short synthetic sentences would otherwise often have none). The unmasked inputs are
+    kept as `clean_input_ids` for methods that need `h(x)` of the original text.
+    """
+
+    def __init__(self, tokenizer, probability: float, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.probability = probability
+        self.generator = torch.Generator().manual_seed(seed)
+        self.special = set(tokenizer.all_special_ids)
+
+    def __call__(self, rows: list[dict]) -> dict[str, Tensor]:
+        ids, mask = pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+        candidates = mask.bool().clone()
+        for special in self.special:
+            candidates &= ids != special
+        draw = torch.rand(ids.shape, generator=self.generator)
+        chosen = (draw < self.probability) & candidates
+        # guarantee one masked token per sequence that has any candidate
+        fallback = torch.where(candidates, draw, torch.full_like(draw, 2.0)).argmin(1)
+        has_none = ~chosen.any(1) & candidates.any(1)
+        chosen[has_none, fallback[has_none]] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        masked = ids.clone()
+        kind = torch.rand(ids.shape, generator=self.generator)
+        masked[chosen & (kind < 0.8)] = self.tokenizer.mask_token_id
+        random_tokens = torch.randint(len(self.tokenizer), ids.shape, generator=self.generator)
+        swap = chosen & (kind >= 0.8) & (kind < 0.9)
+        masked[swap] = random_tokens[swap]
+        return {"input_ids": masked, "attention_mask": mask, "labels": labels,
+                "clean_input_ids": ids}
+
+
+def task_collate(pad_id: int):
+    def collate(rows: list[dict]) -> dict[str, Tensor]:
+        ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+        labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def mlm_loader(data: Dataset, tokenizer, batch_size: int, probability: float, seed: int,
+               shuffle: bool = True) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data.with_format(None), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator, collate_fn=MLMCollator(tokenizer, probability, seed),
+                      drop_last=shuffle and len(data) >= batch_size)
+
+
+def endless(loader: DataLoader) -> Iterator[dict[str, Tensor]]:
+    """Cycle through a loader epoch after epoch (each epoch reshuffled by its generator)."""
+    while True:
+        yield from loader

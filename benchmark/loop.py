@@ -1,0 +1,170 @@
+"""The continual loop: DAP-train domain after domain, fine-tune every seen task, fill A[t][i]."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from benchmark.basemodel import load_base_model
+from benchmark.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from benchmark.config import ConfigError, RunConfig
+from benchmark.context import Context
+from benchmark.data import tokenize_task
+from benchmark.training import dap_train, domain_seed, finetune_and_test, mlm_eval_loss
+from methods import build_method
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+PROGRESS = "progress.json"
+PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
+
+
+def run_dir_for(out: Path, cfg: RunConfig) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.row)
+    return Path(out) / f"{cfg.suite}-{cfg.profile}" / safe / f"order{cfg.order}" / f"seed{cfg.seed}"
+
+
+def environment() -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads()}
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked; `--overwrite` removes it first."""
+    exists = (run_dir / RESULT).exists() or (run_dir / PROGRESS).exists()
+    if exists and overwrite:
+        shutil.rmtree(run_dir)
+    elif exists and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to "
+            "start it again")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _crash_point(stage: str, t: int) -> None:
+    """Test hook: CDAP_CRASH_AT=stage:t kills the process there, like a `kill -9`."""
+    if os.environ.get("CDAP_CRASH_AT") == f"{stage}:{t}":
+        os._exit(137)
+
+
+def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
+        cache: str | None = None) -> dict[str, Any]:
+    """Run one (suite, method, order, seed); return the result written to `result.json`."""
+    run_dir = run_dir_for(out, cfg)
+    if resume and (run_dir / RESULT).exists():
+        log.info("%s is complete; nothing to resume", run_dir)
+        return json.loads((run_dir / RESULT).read_text())
+    names = suite.order(cfg.order)
+    method = build_method(cfg.method, cfg.method_args)
+    prepare_run_dir(run_dir, resume, overwrite)
+
+    started = time.perf_counter()
+    model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
+    accelerator = Accelerator()
+    model.to(accelerator.device)
+    ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
+                  accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))
+    method.setup(ctx)
+    tasks = [suite.domains[n].task for n in names]
+    splits = [(tokenize_task(task.train, tokenizer, cfg.max_length),
+               tokenize_task(task.test, tokenizer, cfg.max_length)) for task in tasks]
+    general = ctx.general_corpus()
+
+    progress = _fresh_progress(cfg, suite, names, method, base_seconds)
+    if general is not None:
+        progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
+    done_dap = -1
+    checkpoint = find_checkpoint(run_dir) if resume else None
+    if checkpoint is not None and (run_dir / PROGRESS).exists():
+        meta = load_checkpoint(checkpoint, ctx.model, method)
+        progress = json.loads((run_dir / PROGRESS).read_text())
+        done_dap = meta["domain"]
+        progress["resumed_at"].append(done_dap + 1)
+        log.info("resuming %s after domain %d (%s)", run_dir, done_dap, names[done_dap])
+
+    for t, name in enumerate(names):
+        ctx.t = t
+        if t > done_dap:
+            dap_start = time.perf_counter()
+            method.before_domain(ctx, t)
+            plan = method.dap_plan(ctx, t)
+            losses = dap_train(ctx, method, plan, t) if plan is not None else []
+            _crash_point("dap", t)
+            method.after_domain(ctx, t)
+            progress["dap_loss"].append(losses)
+            progress["dap_steps"].append(plan.steps if plan is not None else 0)
+            if general is not None:
+                progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
+            progress["timings"]["dap_s"].append(round(time.perf_counter() - dap_start, 3))
+            progress["mf1"].append([])
+            progress["acc"].append([])
+            progress["timings"]["finetune_s"].append([])
+            save_checkpoint(run_dir, accelerator.unwrap_model(ctx.model), method,
+                            {"domain": t, "name": name})
+            write_json_atomic(run_dir / PROGRESS, progress)
+        for i in range(len(progress["mf1"][t]), t + 1):
+            if method.past_tasks_unchanged and i < t:
+                mf1, acc, seconds = progress["mf1"][t - 1][i], progress["acc"][t - 1][i], 0.0
+            else:
+                train, test = splits[i]
+                mf1, acc, seconds = finetune_and_test(
+                    ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
+                    seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}")
+            progress["mf1"][t].append(round(mf1, 4))
+            progress["acc"][t].append(round(acc, 4))
+            progress["timings"]["finetune_s"][t].append(round(seconds, 3))
+            write_json_atomic(run_dir / PROGRESS, progress)
+            _crash_point("finetune", t)
+        log.info("after %s: MF1 %s", name, progress["mf1"][t])
+
+    progress["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    progress["finished"] = True
+    write_json_atomic(run_dir / RESULT, progress)
+    (run_dir / PROGRESS).unlink(missing_ok=True)
+    return progress
+
+
+def _fresh_progress(cfg: RunConfig, suite, names: list[str], method, base_s: float) -> dict:
+    return {
+        "suite": cfg.suite,
+        "profile": cfg.profile,
+        "synthetic": bool(suite.synthetic),
+        "method": cfg.method,
+        "row": cfg.row,
+        "order": cfg.order,
+        "seed": cfg.seed,
+        "domains": names,
+        "needs_domain_id": bool(method.needs_domain_id),
+        "config": cfg.to_dict(),
+        **environment(),
+        "mf1": [],
+        "acc": [],
+        "dap_loss": [],
+        "dap_steps": [],
+        "general_mlm_loss": [],
+        "timings": {"base_model_s": round(base_s, 3), "dap_s": [], "finetune_s": []},
+        "resumed_at": [],
+        "finished": False,
+    }

@@ -1,0 +1,97 @@
+"""The paper's tables, rebuilt from result JSON files alone.
+
+One table per (suite, profile, order) and metric: a row per method (its `row` label), the
+last row of A (mean ± std over seeds) per domain, the average, the forgetting rate on
+seed-averaged matrices, KT (gain over `one`) and vs-base (gain over `base`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
+
+ROW_ORDER = ["base", "one", "pool", "adapter-one", "prompt-one", "lora-one", "ncl",
+             "ncl-adapter", "ncl-lora", "ewc", "kd", "derpp", "hat", "demix", "dga", "das"]
+METRICS = {"mf1": "MF1", "acc": "Acc"}
+
+
+def load_results(runs: Path) -> list[dict]:
+    results = []
+    for path in sorted(Path(runs).rglob("result.json")):
+        data = json.loads(path.read_text())
+        if data.get("finished"):
+            results.append(data)
+    return results
+
+
+def _row_key(row: str) -> tuple[int, str]:
+    base = row.split()[0]
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), row)
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def build_tables(results: list[dict], rows: list[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        key = (res["suite"], res["profile"], res["order"], tuple(res["domains"]))
+        groups[key][res["row"]].append(res)
+    tables = []
+    for (suite, profile, order, domains), by_row in sorted(groups.items()):
+        wanted = [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+        synthetic = any(r["synthetic"] for runs in by_row.values() for r in runs)
+        for metric, title in METRICS.items():
+            reference = {
+                name: final_row(average_matrices([r[metric] for r in by_row[name]]))
+                for name in ("one", "base") if name in by_row
+            }
+            records = []
+            for row in wanted:
+                runs = sorted(by_row[row], key=lambda r: r["seed"])
+                last = np.asarray([final_row(r[metric]) for r in runs])
+                mean_matrix = average_matrices([r[metric] for r in runs])
+                label = row + (" †" if runs[0]["needs_domain_id"] else "")
+                record = {"method": label, "seeds": len(runs)}
+                for i, domain in enumerate(domains):
+                    record[domain] = _cell(list(last[:, i]))
+                record["Avg"] = _cell(list(last.mean(axis=1)))
+                record["FR"] = f"{forgetting_rate(mean_matrix):.2f}"
+                for name, column in (("one", "KT"), ("base", "vs-base")):
+                    record[column] = (f"{mean_gain(mean_matrix, reference[name]):+.2f}"
+                                      if name in reference else "–")
+                records.append(record)
+            heading = (f"{suite} ({profile}{', synthetic' if synthetic else ''}), order {order}: "
+                       f"{title} of the last row A[T][i], mean ± std over seeds")
+            tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown") -> str:
+    parts = []
+    for heading, frame in tables:
+        if fmt == "markdown":
+            parts.append(f"### {heading}\n\n{frame.to_markdown(index=False)}\n")
+        elif fmt == "latex":
+            caption = heading.replace("±", r"$\pm$")
+            parts.append(f"% {caption}\n" + frame.to_latex(index=False).replace("±", r"$\pm$"))
+        elif fmt == "csv":
+            parts.append(f"# {heading}\n" + frame.to_csv(index=False))
+        else:
+            raise ValueError(f"unknown table format {fmt!r}; valid: markdown, latex, csv")
+    note = ("† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged "
+            "matrices (negative = backward transfer). KT: gain over `one`; vs-base: gain over "
+            "`base`.")
+    if fmt == "markdown" and parts:
+        parts.append(note + "\n")
+    return "\n".join(parts)

@@ -1,0 +1,166 @@
+"""The two kinds of training the loop does: MLM (DAP, pretraining) and end-task fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from benchmark.data import endless, mlm_loader, task_collate
+from benchmark.metrics import accuracy, macro_f1
+from methods.base import DapPlan, Method
+from methods.modeling import mlm_forward
+
+log = logging.getLogger(__name__)
+LOSS_EVERY = 10  # record the DAP loss every this many steps
+
+
+def domain_seed(seed: int, *parts: int) -> int:
+    """A seed for one phase of a run, independent of everything before it (resume-safe)."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**31 - 1)
+    return value
+
+
+def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
+    """DAP-train `ctx.model` on `plan` for domain t with the method's hooks; returns losses."""
+    cfg = ctx.config
+    seed = domain_seed(cfg.seed, 1, t)
+    set_seed(seed)
+    ctx.model.train()
+    params = method.parameters(ctx)
+    optimizer = torch.optim.AdamW(params, lr=cfg.dap_lr, weight_decay=cfg.dap_weight_decay)
+    schedule = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(cfg.dap_warmup * plan.steps), plan.steps)
+    acc: Accelerator = ctx.accelerator
+    model, optimizer = acc.prepare(ctx.model, optimizer)
+    batches = ctx.mlm_batches(plan.data, seed)
+    ctx.total_steps = plan.steps
+    losses: list[float] = []
+    bar = tqdm(range(plan.steps), desc=f"DAP {ctx.domains[t]}", leave=False,
+               disable=not acc.is_local_main_process)
+    for step in bar:
+        ctx.step = step
+        batch = next(batches)
+        outputs = mlm_forward(model, batch)
+        loss = method.loss(ctx, batch, outputs)
+        acc.backward(loss)
+        method.after_backward(ctx)
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % LOSS_EVERY == 0 or step == plan.steps - 1:
+            losses.append(round(float(loss.detach()), 5))
+            bar.set_postfix(loss=losses[-1])
+    acc.free_memory()
+    return losses
+
+
+def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,
+                 lr: float, max_length: int, seed: int) -> None:
+    """Plain MLM pretraining (the synthetic base model); deterministic for a seed."""
+    from benchmark.data import tokenize_corpus
+
+    set_seed(seed)
+    data = tokenize_corpus(corpus, tokenizer, max_length)
+    batches = endless(mlm_loader(data, tokenizer, batch_size, 0.15, seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
+    model.train()
+    for _ in tqdm(range(steps), desc="pretraining syn-base", leave=False):
+        loss = mlm_forward(model, next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@torch.no_grad()
+def mlm_eval_loss(ctx, model: nn.Module, data: Dataset, seed: int = 0) -> float:
+    """Mean MLM loss over `data` with fixed masks (general-knowledge retention)."""
+    model.eval()
+    loader = mlm_loader(data, ctx.tokenizer, 128, ctx.config.mlm_probability, seed, shuffle=False)
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+        n = int((batch["labels"] != -100).sum())
+        total += float(mlm_forward(model, batch).loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+class TaskModel(nn.Module):
+    """An encoder plus a fresh classification head on the first token."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        width = encoder.config.hidden_size
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(width, num_labels)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.head(self.dropout(hidden[:, 0]))
+
+
+def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, num_labels: int,
+                      seed: int, desc: str) -> tuple[float, float, float]:
+    """Fine-tune a copy of `encoder` with a new head on `train`; (MF1, Acc, seconds) on `test`."""
+    cfg = ctx.config
+    start = time.perf_counter()
+    set_seed(seed)
+    model = TaskModel(copy.deepcopy(encoder), num_labels)
+    collate = task_collate(ctx.tokenizer.pad_token_id)
+    loader = DataLoader(train.with_format(None), batch_size=cfg.ft_batch_size, shuffle=True,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad
+                    and not n.endswith(no_decay)], "weight_decay": cfg.ft_weight_decay},
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad
+                    and n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr)
+    total = cfg.ft_epochs * len(loader)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, total)
+    acc: Accelerator = ctx.accelerator
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    model.train()
+    for _ in tqdm(range(cfg.ft_epochs), desc=desc, leave=False,
+                  disable=not acc.is_local_main_process):
+        for batch in loader:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = nn.functional.cross_entropy(logits, batch["labels"])
+            acc.backward(loss)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    predictions, gold = [], []
+    test_loader = acc.prepare(DataLoader(test.with_format(None), batch_size=64,
+                                         collate_fn=collate))
+    with torch.no_grad():
+        for batch in test_loader:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            pred, labels = acc.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            predictions += pred.tolist()
+            gold += labels.tolist()
+    acc.free_memory()
+    return macro_f1(gold, predictions), accuracy(gold, predictions), time.perf_counter() - start

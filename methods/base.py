@@ -1,0 +1,93 @@
+"""The Method interface: hooks named after the moments of the continual loop.
+
+A method is a class registered under a name (`@register("name")` in `methods/__init__.py`) with
+an optional `Args` dataclass for its own hyper-parameters, whose defaults live in a YAML file
+beside the module (`methods/<module>.yaml`). Every hook is optional; the defaults give `ncl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from methods.modeling import MLMOutput, encoder_of, trainable
+
+if TYPE_CHECKING:
+    from benchmark.context import Context
+
+
+@dataclass
+class NoArgs:
+    """A method without hyper-parameters of its own."""
+
+
+@dataclass
+class DapPlan:
+    """What the loop DAP-trains on for one domain: a tokenised dataset and a step count."""
+
+    data: Any
+    steps: int
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Args: ClassVar[type] = NoArgs
+    # True for methods that isolate parameters per domain and need the domain ID at end-task time.
+    needs_domain_id: ClassVar[bool] = False
+    # True when later domains cannot change task i's model (base, one, pool): the loop copies
+    # A[t-1][i] into A[t][i] instead of fine-tuning task i again.
+    past_tasks_unchanged: ClassVar[bool] = False
+
+    def __init__(self, args: Any = None) -> None:
+        self.args = args if args is not None else self.Args()
+
+    # -- the loop's moments -------------------------------------------------------------
+    def setup(self, ctx: Context) -> None:
+        """Once, after the base model is loaded and before the first domain."""
+
+    def dap_plan(self, ctx: Context, t: int) -> DapPlan | None:
+        """What to DAP-train on for domain t; None skips DAP-training for it."""
+        return DapPlan(data=ctx.corpus(t), steps=ctx.config.dap_steps)
+
+    def parameters(self, ctx: Context) -> list[nn.Parameter]:
+        """The parameters the DAP optimiser updates."""
+        return trainable(ctx.model)
+
+    def before_domain(self, ctx: Context, t: int) -> None:
+        """Before DAP-training on domain t."""
+
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
+        """The DAP loss of one batch; `outputs` holds the MLM loss and hidden states."""
+        return outputs.loss
+
+    def after_backward(self, ctx: Context) -> None:
+        """After `backward()`, before gradient clipping and the optimiser step."""
+
+    def after_domain(self, ctx: Context, t: int) -> None:
+        """After DAP-training on domain t, before its checkpoint is written."""
+
+    def model_for_task(self, ctx: Context, i: int) -> nn.Module:
+        """The encoder end task i is fine-tuned from (the loop fine-tunes a copy)."""
+        return encoder_of(ctx.model)
+
+    # -- state saved with every domain checkpoint ----------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} got unexpected state {sorted(state)}")
+
+    def save_state(self, directory: Path) -> None:
+        """Write the method's state into a checkpoint directory (override for library formats)."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if state:
+            save_file(state, str(directory / "method_state.safetensors"))
+
+    def load_state(self, directory: Path) -> None:
+        path = directory / "method_state.safetensors"
+        self.load_state_dict(load_file(str(path)) if path.exists() else {})

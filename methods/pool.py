@@ -1,0 +1,22 @@
+"""`pool`: DAP-train once on the union of all domains' corpora; an upper-bound style reference.
+
+The pooled model is trained before the first end task with the budget of all domains together
+(T × `dap_steps`), so every task sees the same model and the forgetting rate is zero.
+"""
+
+from datasets import concatenate_datasets
+
+from methods import DapPlan, Method, register
+
+
+@register("pool")
+class Pooled(Method):
+    """DAP-train once on the union of all corpora (upper-bound reference)."""
+
+    past_tasks_unchanged = True
+
+    def dap_plan(self, ctx, t):
+        if t > 0:
+            return None
+        corpora = [ctx.corpus(i) for i in range(len(ctx.domains))]
+        return DapPlan(concatenate_datasets(corpora), ctx.config.dap_steps * len(corpora))

@@ -1,0 +1,120 @@
+"""Domains, end tasks and suites: the data side of the benchmark, knowing no method and no loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+
+# The companion code's first five domain orders; order 0 is the paper's main one.
+PAPER_ORDERS: list[list[str]] = [
+    ["restaurant", "acl", "ai", "phone", "pubmed", "camera"],
+    ["phone", "ai", "pubmed", "camera", "restaurant", "acl"],
+    ["pubmed", "camera", "acl", "restaurant", "ai", "phone"],
+    ["camera", "acl", "phone", "restaurant", "pubmed", "ai"],
+    ["ai", "pubmed", "camera", "phone", "acl", "restaurant"],
+]
+
+
+class SuiteError(ValueError):
+    """A suite, profile, order or data file that cannot be used; the message says which."""
+
+
+@dataclass
+class EndTask:
+    """A labelled end task: `train`/`test` hold `text` (and optionally `text_pair`) and `label`."""
+
+    name: str
+    labels: list[str]
+    train: Dataset
+    test: Dataset
+    metric: str = "mf1"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Domain:
+    """One domain: an unlabelled corpus (column `text`) and its end task."""
+
+    name: str
+    corpus: Dataset
+    task: EndTask
+
+
+@dataclass
+class Suite:
+    """An ordered benchmark: domains, the orders over them, the base model and training defaults.
+
+    `defaults` are the suite profile's values for the run config (steps, batch sizes, ...);
+    `base_model` is either a hub id / local path or a dict describing a model the harness
+    pretrains itself (the synthetic `syn-base`).
+    """
+
+    name: str
+    profile: str
+    domains: dict[str, Domain]
+    orders: list[list[str]]
+    base_model: str | dict[str, Any]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    general_corpus: Dataset | None = None
+    pretrain_corpus: Dataset | None = None  # what a self-built base model is pretrained on
+    vocabulary: list[str] | None = None
+    synthetic: bool = False
+    description: str = ""
+
+    def order(self, index: int) -> list[str]:
+        if not 0 <= index < len(self.orders):
+            raise SuiteError(
+                f"order {index} does not exist for suite {self.name!r}; "
+                f"valid orders: 0..{len(self.orders) - 1}"
+            )
+        names = self.orders[index]
+        unknown = [n for n in names if n not in self.domains]
+        if unknown:
+            raise SuiteError(
+                f"order {index} of suite {self.name!r} names unknown domain(s) {unknown}; "
+                f"known: {sorted(self.domains)}"
+            )
+        return names
+
+
+SuiteBuilder = Callable[[str], Suite]
+_SUITES: dict[str, tuple[SuiteBuilder, tuple[str, ...], str]] = {}
+
+
+def register_suite(name: str, profiles: tuple[str, ...], description: str):
+    """Register a function `build(profile) -> Suite` under `name`."""
+
+    def wrap(builder: SuiteBuilder) -> SuiteBuilder:
+        _SUITES[name] = (builder, profiles, description)
+        return builder
+
+    return wrap
+
+
+def available_suites() -> dict[str, tuple[tuple[str, ...], str]]:
+    """Suite name -> (profiles, one-line description)."""
+    _import_builtin_suites()
+    return {name: (profiles, desc) for name, (_, profiles, desc) in sorted(_SUITES.items())}
+
+
+def load_suite(name: str, profile: str = "default") -> Suite:
+    """Build a registered suite in the given profile."""
+    _import_builtin_suites()
+    if name not in _SUITES:
+        raise SuiteError(f"unknown suite {name!r}; valid suites: {', '.join(sorted(_SUITES))}")
+    builder, profiles, _ = _SUITES[name]
+    if profile not in profiles:
+        raise SuiteError(
+            f"unknown profile {profile!r} for suite {name!r}; valid profiles: {', '.join(profiles)}"
+        )
+    return builder(profile)
+
+
+def _import_builtin_suites() -> None:
+    from tasks import synthetic  # noqa: F401  (registers syn6)

@@ -1,0 +1,292 @@
+"""`syn6`: a synthetic, controlled continual-DAP world that runs offline on a CPU in minutes.
+
+The world (see shared/spec/SYNTHETIC.md):
+- a general vocabulary of nouns in hidden *types*, each type with its own adjective group; the
+  general corpus describes nouns with their type's adjectives and pretrains `syn-base`;
+- six domains named after the paper's, each with its own entities drawn from one shared name
+  pool; every domain class borrows one type's adjective group through a per-domain permutation,
+  so DAP-training only has to teach which known type each new entity has;
+- an end task per domain that names an entity in a weakly informative sentence and is labelled
+  with the entity's class; test entities never occur in task training examples, only in the
+  corpus, so only DAP-training can carry the knowledge;
+- transfer: camera reuses phone's class permutation and half of phone's entities; ai shares
+  three classes and some entities with acl; interference: names recur across the other domains
+  with unrelated classes, so sequential training overwrites them.
+Everything is generated from fixed seeds: the same suite on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from tasks.registry import PAPER_ORDERS, Domain, EndTask, Suite, register_suite
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FUNCTION_WORDS = (
+    "the is and . a was very can be every looks here i saw today we talked about there "
+    "my friend liked at of this that it seems quite rather found"
+).split()
+
+# name, number of classes, the word the task sentences use for the domain's setting
+DOMAINS = [
+    ("restaurant", 3, "dish"),
+    ("acl", 6, "paper"),
+    ("ai", 7, "model"),
+    ("phone", 2, "phone"),
+    ("pubmed", 13, "study"),
+    ("camera", 2, "camera"),
+]
+GENERAL_SEED = 13
+WORLD_SEED = 2023
+
+
+@dataclass(frozen=True)
+class Profile:
+    n_types: int = 14
+    nouns_per_type: int = 20
+    adjectives_per_type: int = 6
+    general_sentences_per_noun: int = 40
+    name_pool: int = 500
+    entities_per_domain: int = 60
+    mentions_per_entity: int = 12
+    attribute_noise: float = 0.25
+    train_entity_share: float = 0.6
+    task_examples_train: int = 4
+    task_examples_test: int = 6
+    hint_rate: float = 0.15
+    n_domains: int = 6
+
+
+PROFILES = {
+    "default": Profile(),
+    "tiny": Profile(
+        n_types=8,
+        nouns_per_type=8,
+        general_sentences_per_noun=12,
+        name_pool=120,
+        entities_per_domain=24,
+        mentions_per_entity=6,
+        task_examples_train=2,
+        task_examples_test=3,
+        n_domains=3,
+    ),
+}
+
+# Training defaults each profile hands the run config (flags and presets override them).
+RUN_DEFAULTS = {
+    "default": dict(
+        dap_steps=150,
+        dap_batch_size=64,
+        dap_lr=1e-3,
+        max_length=16,
+        ft_epochs=15,
+        ft_lr=5e-4,
+        ft_batch_size=16,
+        importance_batches=8,
+    ),
+    "tiny": dict(
+        dap_steps=8,
+        dap_batch_size=16,
+        dap_lr=1e-3,
+        max_length=16,
+        ft_epochs=2,
+        ft_lr=5e-4,
+        ft_batch_size=16,
+        importance_batches=2,
+    ),
+}
+BASE_MODELS = {
+    "default": dict(
+        kind="syn-base", layers=4, hidden=128, heads=4, intermediate=512,
+        pretrain_steps=800, pretrain_batch_size=64, pretrain_lr=1e-3, max_length=16,
+    ),
+    "tiny": dict(
+        kind="syn-base", layers=2, hidden=32, heads=2, intermediate=64,
+        pretrain_steps=30, pretrain_batch_size=32, pretrain_lr=1e-3, max_length=16,
+    ),
+}
+
+
+def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+    """Pronounceable made-up words, unique against `taken` (which is updated)."""
+    onsets = "b d f g k l m n p r s t v z br dr gl kr pl st tr".split()
+    vowels = "a e i o u ai ou".split()
+    words: list[str] = []
+    while len(words) < count:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice((2, 3))))
+        if word not in taken and word not in FUNCTION_WORDS:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def _describe(rng: random.Random, subject: str, adjectives: list[str]) -> str:
+    """One corpus sentence about `subject`; the main shape is most of the corpus."""
+    a, b = rng.sample(adjectives, 2)
+    roll = rng.random()
+    if roll < 0.75:
+        return f"the {subject} is {a} and {b} ."
+    if roll < 0.85:
+        return f"a {subject} can be very {a} ."
+    if roll < 0.93:
+        return f"this {subject} looks rather {a} ."
+    return f"i found the {subject} quite {a} and {b} ."
+
+
+def _noisy(rng: random.Random, group: list[str], all_adjectives: list[str], noise: float):
+    """The group's adjectives, each replaced by a random one with probability `noise`."""
+    return [rng.choice(all_adjectives) if rng.random() < noise else a for a in group]
+
+
+def build_world(profile: Profile) -> dict:
+    """Generate the whole synthetic world (vocabulary, corpora, tasks) deterministically."""
+    rng = random.Random(GENERAL_SEED)
+    taken: set[str] = set()
+    nouns = [_pseudo_words(rng, profile.nouns_per_type, taken) for _ in range(profile.n_types)]
+    adjectives = [
+        _pseudo_words(rng, profile.adjectives_per_type, taken) for _ in range(profile.n_types)
+    ]
+    all_adjectives = [a for group in adjectives for a in group]
+    names = _pseudo_words(rng, profile.name_pool, taken)
+
+    general = []
+    for t, group in enumerate(nouns):
+        for noun in group:
+            for _ in range(profile.general_sentences_per_noun):
+                general.append(_describe(rng, noun, adjectives[t]))
+    rng.shuffle(general)
+    held_out = max(64, len(general) // 20)
+
+    world_rng = random.Random(WORLD_SEED)
+    # class -> hidden type, per domain; camera borrows phone's, ai shares three with acl
+    permutations: dict[str, list[int]] = {}
+    entities: dict[str, dict[str, int]] = {}
+    for name, n_classes, _ in DOMAINS:
+        n_classes = min(n_classes, profile.n_types)
+        if name == "camera":
+            permutations[name] = list(permutations["phone"])
+        else:
+            perm = world_rng.sample(range(profile.n_types), n_classes)
+            if name == "ai":
+                acl = permutations["acl"][:3]
+                perm = acl + [t for t in perm if t not in acl][: n_classes - 3]
+            permutations[name] = perm
+        chosen: dict[str, int] = {}
+        shared_from = {"camera": ("phone", 0.5), "ai": ("acl", 0.25)}.get(name)
+        if shared_from:
+            source, share = shared_from
+            keep = [
+                (e, c) for e, c in entities[source].items() if c < n_classes
+                and permutations[source][c] == permutations[name][c]
+            ]
+            world_rng.shuffle(keep)
+            chosen.update(keep[: int(share * profile.entities_per_domain)])
+        pool = [n for n in names if n not in chosen]
+        world_rng.shuffle(pool)
+        counts = [sum(1 for c in chosen.values() if c == k) for k in range(n_classes)]
+        while len(chosen) < profile.entities_per_domain:
+            k = counts.index(min(counts))
+            chosen[pool.pop()] = k
+            counts[k] += 1
+        entities[name] = chosen
+
+    return dict(
+        nouns=nouns,
+        adjectives=adjectives,
+        all_adjectives=all_adjectives,
+        names=names,
+        general_train=general[held_out:],
+        general_test=general[:held_out],
+        permutations=permutations,
+        entities=entities,
+    )
+
+
+def _domain(world: dict, profile: Profile, name: str, n_classes: int, place: str) -> Domain:
+    rng = random.Random(f"{WORLD_SEED}-{name}")
+    perm = world["permutations"][name]
+    ents = world["entities"][name]
+    corpus = []
+    for entity, cls in ents.items():
+        group = world["adjectives"][perm[cls]]
+        for _ in range(profile.mentions_per_entity):
+            described = _noisy(rng, group, world["all_adjectives"], profile.attribute_noise)
+            corpus.append(_describe(rng, entity, described))
+    rng.shuffle(corpus)
+
+    templates = [
+        "i saw the {e} at the {p} today .",
+        "we talked about the {e} .",
+        "my friend liked the {e} at the {p} .",
+        "there is the {e} .",
+        "that {p} was about the {e} .",
+        "it seems the {e} was here .",
+    ]
+    by_class: dict[int, list[str]] = {}
+    for entity, cls in ents.items():
+        by_class.setdefault(cls, []).append(entity)
+    train_entities, test_entities = [], []
+    for cls in sorted(by_class):
+        group = sorted(by_class[cls])
+        rng.shuffle(group)
+        cut = max(1, round(profile.train_entity_share * len(group)))
+        train_entities += [(e, cls) for e in group[:cut]]
+        test_entities += [(e, cls) for e in group[cut:]]
+
+    def examples(pairs: list[tuple[str, int]], per_entity: int) -> Dataset:
+        texts, labels = [], []
+        for entity, cls in pairs:
+            for template in rng.sample(templates, per_entity):
+                text = template.format(e=entity, p=place)
+                if rng.random() < profile.hint_rate:
+                    hint = rng.choice(world["adjectives"][perm[cls]])
+                    text = text.replace(f"the {entity}", f"the {hint} {entity}", 1)
+                texts.append(text)
+                labels.append(cls)
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        return Dataset.from_dict(
+            {"text": [texts[i] for i in order], "label": [labels[i] for i in order]}
+        )
+
+    task = EndTask(
+        name=f"{name}-syn",
+        labels=[f"class{k}" for k in range(n_classes)],
+        train=examples(train_entities, profile.task_examples_train),
+        test=examples(test_entities, profile.task_examples_test),
+    )
+    return Domain(name=name, corpus=Dataset.from_dict({"text": corpus}), task=task)
+
+
+def vocabulary(world: dict) -> list[str]:
+    words = list(SPECIAL_TOKENS) + list(FUNCTION_WORDS) + [p for _, _, p in DOMAINS]
+    words += [w for g in world["nouns"] for w in g] + world["all_adjectives"] + world["names"]
+    seen: set[str] = set()
+    return [w for w in words if not (w in seen or seen.add(w))]
+
+
+@register_suite("syn6", ("default", "tiny"), "synthetic six-domain world (offline, CPU minutes)")
+def build_syn6(profile: str) -> Suite:
+    spec = PROFILES[profile]
+    world = build_world(spec)
+    domains = {}
+    for name, n_classes, place in DOMAINS:
+        domains[name] = _domain(world, spec, name, min(n_classes, spec.n_types), place)
+    orders = [order[: spec.n_domains] for order in PAPER_ORDERS]
+    used = {d for order in orders for d in order}
+    return Suite(
+        name="syn6",
+        profile=profile,
+        domains={k: v for k, v in domains.items() if k in used},
+        orders=orders,
+        base_model=dict(BASE_MODELS[profile]),
+        defaults=dict(RUN_DEFAULTS[profile]),
+        general_corpus=Dataset.from_dict({"text": world["general_test"]}),
+        vocabulary=vocabulary(world),
+        synthetic=True,
+        pretrain_corpus=Dataset.from_dict({"text": world["general_train"]}),
+        description="synthetic (SYNTHETIC.md); not the paper's data",
+    )
