@@ -79,7 +79,7 @@ def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
 def command_run(args: argparse.Namespace) -> int:
     from benchmark.loop import run
     from benchmark.tables import build_tables, load_results, render
-    from methods import available_methods
+    from methods import available_methods, build_method
     from tasks import load_suite
 
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
@@ -98,6 +98,7 @@ def command_run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"unknown method {cfg.method!r}; valid methods: "
                                   f"{', '.join(available)}")
             suite.order(cfg.order)
+            build_method(cfg.method, cfg.method_args)  # fails now on a bad method argument
             configs.append((cfg, suite))
     for cfg, suite in configs:
         log.info("run %s on %s/%s order %d seed %d", cfg.row, cfg.suite, cfg.profile,

@@ -18,7 +18,12 @@ import torch
 from accelerate import Accelerator
 
 from benchmark.basemodel import load_base_model
-from benchmark.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from benchmark.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task

@@ -53,7 +53,7 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     for step in bar:
         ctx.step = step
         batch = next(batches)
-        outputs = mlm_forward(model, batch)
+        outputs = method.forward(ctx, model, batch)
         loss = method.loss(ctx, batch, outputs)
         acc.backward(loss)
         method.after_backward(ctx)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from methods.modeling import MLMOutput, encoder_of, trainable
+from methods.modeling import MLMOutput, encoder_of, mlm_forward, trainable
 
 if TYPE_CHECKING:
     from benchmark.context import Context
@@ -59,6 +59,10 @@ class Method:
 
     def before_domain(self, ctx: Context, t: int) -> None:
         """Before DAP-training on domain t."""
+
+    def forward(self, ctx: Context, model: nn.Module, batch: dict[str, Tensor]) -> MLMOutput:
+        """The DAP forward pass of one batch (override to fuse extra views into one pass)."""
+        return mlm_forward(model, batch)
 
     def loss(self, ctx: Context, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
         """The DAP loss of one batch; `outputs` holds the MLM loss and hidden states."""

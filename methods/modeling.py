@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 class MLMOutput:
     loss: Tensor
     hidden: Tensor  # last hidden layer of the masked input, [batch, length, width]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # a method's other views or losses
 
 
 def encoder_of(model: nn.Module) -> nn.Module:

@@ -1,0 +1,94 @@
+"""The command line: runs, result files, tables, and one clear line for every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmark.__main__ import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True,
+                          text=True, cwd=Path(__file__).parent.parent, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--method", "nope"], "unknown method 'nope'; valid methods:"),
+        (["--suite", "nope"], "unknown suite 'nope'; valid suites: syn6"),
+        (["--order", "7"], "order 7 does not exist for suite 'syn6'; valid orders: 0..4"),
+        (["--dap-steps", "0"], "dap_steps must be a positive integer, got 0"),
+        (["--profile", "huge"], "unknown profile 'huge' for suite 'syn6'"),
+        (["--config", "no-such-preset"], "unknown config 'no-such-preset'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, expected):
+    out = tmp_path / "runs"
+    proc = run_cli("run", "--profile", "tiny", "--out", str(out), *args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert expected in proc.stderr
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: ncl\ndap_steps: [1,\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "malformed YAML at line" in err
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("method: ncl\ndap_stepz: 3\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key(s) ['dap_stepz']" in err and "dap_steps" in err
+
+
+def test_unknown_method_argument_is_named(tmp_path, capsys):
+    bad = tmp_path / "arg.yaml"
+    bad.write_text("method: ncl\nmethod_args: {lambda: 3}\n")
+    code = main(["run", "--config", str(bad), "--profile", "tiny", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown argument 'lambda' for method 'ncl'" in capsys.readouterr().err
+
+
+def test_list_commands(capsys):
+    assert main(["list", "methods"]) == 0
+    names = capsys.readouterr().out
+    for name in ("base", "one", "pool", "ncl"):
+        assert f"\n{name} " in "\n" + names
+    assert main(["list", "suites"]) == 0
+    assert "syn6" in capsys.readouterr().out
+
+
+def test_run_writes_result_and_table_rebuilds_it(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(out),
+                 "--no-table"]) == 0
+    path = out / "syn6-tiny" / "ncl" / "order0" / "seed2021" / "result.json"
+    result = json.loads(path.read_text())
+    assert result["finished"] and result["domains"] == ["restaurant", "acl", "ai"]
+    assert [len(row) for row in result["mf1"]] == [1, 2, 3]
+    assert result["config"]["method"] == "ncl" and result["versions"]["torch"]
+    assert len(result["general_mlm_loss"]) == 4  # θ0 and after each domain
+    assert (out / "syn6-tiny" / "ncl" / "order0" / "seed2021" / "checkpoint" /
+            "model.safetensors").exists()
+    capsys.readouterr()
+    for fmt, marker in (("markdown", "| ncl"), ("csv", "method,seeds"), ("latex", "\\begin{tabular}")):
+        assert main(["table", "--runs", str(out), "--format", fmt]) == 0
+        assert marker in capsys.readouterr().out
+    # a second run into the same place is refused rather than overwritten
+    assert main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_table_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["table", "--runs", str(tmp_path)]) == 2
+    assert "no finished result.json" in capsys.readouterr().err
