@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from benchmark.config import ConfigError, available_configs, build_config, read_preset
+from benchmark.datacli import add_parser as add_data_parser
+from benchmark.datacli import command_data
 
 DEFAULT_SEEDS = [2021, 111, 222, 333, 444]  # the companion code's fine-tuning seeds
 log = logging.getLogger("benchmark")
@@ -21,7 +24,8 @@ def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes integers separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes integers separated by commas, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
     return seeds
@@ -37,12 +41,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="suite profile: tiny | default")
     run.add_argument("--order", type=int, help="domain order index (0..4)")
     run.add_argument("--seed", type=int, help="one seed (default 2021)")
-    run.add_argument("--seeds", type=_seeds, help="several seeds, comma separated, e.g. 2021,111,222")
+    run.add_argument("--seeds", type=_seeds,
+                     help="several seeds, comma separated, e.g. 2021,111,222")
     run.add_argument("--config", help="a preset name (see `list configs`) or a YAML path")
     run.add_argument("--out", default="results/runs", help="where result files go")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run")
     run.add_argument("--overwrite", action="store_true", help="discard an earlier run first")
-    run.add_argument("--cache-dir", help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
+    run.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep the final DAP-trained model (run_dir/checkpoint) after the run")
+    run.add_argument("--cache-dir",
+                     help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
+    run.add_argument("--data-dir", help="data files of real suites (default $CDAP_DATA_DIR or "
+                     "the user cache dir; das6: the companion archive's data/ folder)")
     run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
     run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
     run.add_argument("--label", help="row name in tables (default: the method name)")
@@ -52,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
     table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
     table.add_argument("--config", help="a group preset: only its rows, in its order")
+
+    add_data_parser(sub)
+    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+                   add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
     listing.add_argument("what", choices=["methods", "suites", "configs"])
@@ -84,6 +98,8 @@ def command_run(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label")}
+    if args.data_dir:
+        os.environ["CDAP_DATA_DIR"] = args.data_dir
     configs = []
     for preset, source in _expand(args.config):
         suite_name = flags["suite"] or preset.get("suite") or "syn6"
@@ -92,7 +108,8 @@ def command_run(args: argparse.Namespace) -> int:
         seeds = args.seeds or ([args.seed] if args.seed is not None else None)
         seeds = seeds or ([preset["seed"]] if "seed" in preset else [DEFAULT_SEEDS[0]])
         for seed in seeds:
-            cfg = build_config(suite.defaults, preset, {**flags, "seed": seed}, source)
+            cfg = build_config(suite.defaults, preset, {**flags, "suite": suite.name, "seed": seed},
+                               source)
             available = available_methods()
             if cfg.method not in available:
                 raise ConfigError(f"unknown method {cfg.method!r}; valid methods: "
@@ -104,7 +121,7 @@ def command_run(args: argparse.Namespace) -> int:
         log.info("run %s on %s/%s order %d seed %d", cfg.row, cfg.suite, cfg.profile,
                  cfg.order, cfg.seed)
         run(cfg, suite, Path(args.out), resume=args.resume, overwrite=args.overwrite,
-            cache=args.cache_dir)
+            cache=args.cache_dir, keep_checkpoint=args.keep_checkpoint)
     if not args.no_table:
         print(render(build_tables(load_results(Path(args.out)))))
     return 0
@@ -147,8 +164,13 @@ def command_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("datasets", "transformers", "accelerate", "httpx"):
+    for noisy in ("datasets", "transformers", "accelerate", "httpx", "adapters"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from benchmark.bench import main as bench
+
+        return bench(argv[1:])
     args = parser().parse_args(argv)
     import datasets
 
@@ -157,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import SuiteError
 
     try:
-        return {"run": command_run, "table": command_table, "list": command_list}[args.command](args)
+        return {"run": command_run, "table": command_table, "list": command_list,
+                "data": command_data}[args.command](args)
     except (ConfigError, MethodError, SuiteError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -75,8 +75,11 @@ def _crash_point(stage: str, t: int) -> None:
 
 
 def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
-        cache: str | None = None) -> dict[str, Any]:
-    """Run one (suite, method, order, seed); return the result written to `result.json`."""
+        cache: str | None = None, keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Run one (suite, method, order, seed); return the result written to `result.json`.
+
+    The last domain checkpoint is removed once the result is written, unless `keep_checkpoint`.
+    """
     run_dir = run_dir_for(out, cfg)
     if resume and (run_dir / RESULT).exists():
         log.info("%s is complete; nothing to resume", run_dir)
@@ -136,7 +139,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
                 train, test = splits[i]
                 mf1, acc, seconds = finetune_and_test(
                     ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
-                    seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}")
+                    seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}",
+                    epochs=tasks[i].epochs)
             progress["mf1"][t].append(round(mf1, 4))
             progress["acc"][t].append(round(acc, 4))
             progress["timings"]["finetune_s"][t].append(round(seconds, 3))
@@ -148,6 +152,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     progress["finished"] = True
     write_json_atomic(run_dir / RESULT, progress)
     (run_dir / PROGRESS).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return progress
 
 

@@ -41,7 +41,9 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def build_tables(results: list[dict], rows: list[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+def build_tables(
+    results: list[dict], rows: list[str] | None = None
+) -> list[tuple[str, pd.DataFrame]]:
     """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for res in results:
@@ -70,6 +72,9 @@ def build_tables(results: list[dict], rows: list[str] | None = None) -> list[tup
                 for name, column in (("one", "KT"), ("base", "vs-base")):
                     record[column] = (f"{mean_gain(mean_matrix, reference[name]):+.2f}"
                                       if name in reference else "–")
+                general = [r["general_mlm_loss"] for r in runs if r.get("general_mlm_loss")]
+                record["Gen. MLM Δ"] = (f"{np.mean([g[-1] - g[0] for g in general]):+.3f}"
+                                        if general else "–")
                 records.append(record)
             heading = (f"{suite} ({profile}{', synthetic' if synthetic else ''}), order {order}: "
                        f"{title} of the last row A[T][i], mean ± std over seeds")
@@ -91,7 +96,8 @@ def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown") -> str
             raise ValueError(f"unknown table format {fmt!r}; valid: markdown, latex, csv")
     note = ("† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged "
             "matrices (negative = backward transfer). KT: gain over `one`; vs-base: gain over "
-            "`base`.")
+            "`base`. Gen. MLM Δ: change of the MLM loss on the held-out general corpus from the "
+            "base model to the end of the sequence (general-knowledge retention; lower is better).")
     if fmt == "markdown" and parts:
         parts.append(note + "\n")
     return "\n".join(parts)

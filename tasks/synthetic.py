@@ -78,7 +78,7 @@ PROFILES = {
 # Training defaults each profile hands the run config (flags and presets override them).
 RUN_DEFAULTS = {
     "default": dict(
-        dap_steps=150,
+        dap_steps=100,
         dap_batch_size=64,
         dap_lr=1e-3,
         max_length=16,
