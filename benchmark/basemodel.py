@@ -66,7 +66,8 @@ def syn_base_config(spec: dict[str, Any], vocab_size: int) -> BertConfig:
 
 
 def _fingerprint(spec: dict[str, Any], vocabulary: list[str], texts: list[str]) -> str:
-    digest = hashlib.sha256(json.dumps({"spec": spec, "vocab": vocabulary}, sort_keys=True).encode())
+    header = json.dumps({"spec": spec, "vocab": vocabulary}, sort_keys=True)
+    digest = hashlib.sha256(header.encode())
     for text in texts:
         digest.update(text.encode() + b"\n")
     return digest.hexdigest()[:16]
@@ -84,7 +85,8 @@ def load_base_model(suite, override: str = "", cache: str | None = None):
     )
     if (path / "config.json").exists():
         log.info("reusing cached base model %s", path)
-        return BertForMaskedLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path), 0.0
+        model = BertForMaskedLM.from_pretrained(path)
+        return model, PreTrainedTokenizerFast.from_pretrained(path), 0.0
     start = time.perf_counter()
     model, tokenizer = pretrain_syn_base(suite, source)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -90,7 +90,8 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "somewhere"
-        raise ConfigError(f"{path}: malformed YAML at {where}: {getattr(err, 'problem', err)}")
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{path}: malformed YAML at {where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -145,7 +146,8 @@ def build_config(
             if value is None:
                 continue
             if key not in _FIELDS:
-                raise ConfigError(f"{source}: unknown config key {key!r}; valid: {', '.join(_FIELDS)}")
+                raise ConfigError(
+                    f"{source}: unknown config key {key!r}; valid: {', '.join(_FIELDS)}")
             if key == "method_args":
                 merged = dict(values.get("method_args", {}))
                 merged.update(_coerce(key, value, source))

@@ -219,7 +219,8 @@ class DAS(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.general = {k: state[f"general.{k}"] for k in KINDS} if "general.head" in state else None
+        self.general = ({k: state[f"general.{k}"] for k in KINDS}
+                        if "general.head" in state else None)
         self.importance = ({k: state[f"accumulated.{k}"] for k in KINDS}
                            if "accumulated.head" in state else None)
         self._history = state["history"].tolist() if "history" in state else []

@@ -120,7 +120,8 @@ def test_softmask_covers_head_slices_and_not_other_heads():
     softmask_gradients(gates, importance)
     layer = model.bert.encoder.layer[1]
     width = gates.head_dim
-    for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+    attention = layer.attention.self
+    for linear in (attention.query, attention.key, attention.value):
         assert linear.weight.grad[2 * width:3 * width].abs().sum() == 0
         assert linear.bias.grad[2 * width:3 * width].abs().sum() == 0
         assert linear.weight.grad[:2 * width].abs().sum() > 0
