@@ -26,13 +26,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--config", "no-such-preset"], "unknown config 'no-such-preset'"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, expected):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, args, expected):
     out = tmp_path / "runs"
-    proc = run_cli("run", "--profile", "tiny", "--out", str(out), *args)
+    assert main(["run", "--profile", "tiny", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    proc = run_cli("run", "--method", "nope", "--out", str(tmp_path / "runs"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert expected in proc.stderr
-    assert not out.exists(), "nothing may be written for bad input"
+    assert proc.stderr.startswith("error: unknown method 'nope'")
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path, capsys):
