@@ -121,9 +121,13 @@ class TaskModel(nn.Module):
 
 
 def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, num_labels: int,
-                      seed: int, desc: str) -> tuple[float, float, float]:
-    """Fine-tune a copy of `encoder` with a new head on `train`; (MF1, Acc, seconds) on `test`."""
+                      seed: int, desc: str,
+                      epochs: int | None = None) -> tuple[float, float, float]:
+    """Fine-tune a copy of `encoder` with a new head on `train`; (MF1, Acc, seconds) on `test`.
+
+    `epochs` is the task's own count (the paper's per-task epochs) and wins over `ft_epochs`."""
     cfg = ctx.config
+    epochs = epochs or cfg.ft_epochs
     start = time.perf_counter()
     set_seed(seed)
     model = TaskModel(copy.deepcopy(encoder), num_labels)
@@ -138,12 +142,12 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
                     and n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr)
-    total = cfg.ft_epochs * len(loader)
+    total = epochs * len(loader)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, total)
     acc: Accelerator = ctx.accelerator
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     model.train()
-    for _ in tqdm(range(cfg.ft_epochs), desc=desc, leave=False,
+    for _ in tqdm(range(epochs), desc=desc, leave=False,
                   disable=not acc.is_local_main_process):
         for batch in loader:
             logits = model(batch["input_ids"], batch["attention_mask"])

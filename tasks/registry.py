@@ -31,6 +31,7 @@ class EndTask:
     train: Dataset
     test: Dataset
     metric: str = "mf1"
+    epochs: int | None = None  # the paper's per-task fine-tuning epochs; None: the run config's
 
     @property
     def num_labels(self) -> int:
@@ -104,8 +105,12 @@ def available_suites() -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 def load_suite(name: str, profile: str = "default") -> Suite:
-    """Build a registered suite in the given profile."""
+    """Build a registered suite, or a user suite from a YAML path, in the given profile."""
     _import_builtin_suites()
+    if name.endswith((".yaml", ".yml")):
+        from tasks.real import load_suite_file
+
+        return load_suite_file(name, profile)
     if name not in _SUITES:
         raise SuiteError(f"unknown suite {name!r}; valid suites: {', '.join(sorted(_SUITES))}")
     builder, profiles, _ = _SUITES[name]
@@ -117,4 +122,4 @@ def load_suite(name: str, profile: str = "default") -> Suite:
 
 
 def _import_builtin_suites() -> None:
-    from tasks import synthetic  # noqa: F401  (registers syn6)
+    from tasks import real, synthetic  # noqa: F401  (registers syn6, real6, das6)
