@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from benchmark.basemodel import load_base_model
 from benchmark.checkpoint import (
@@ -116,10 +117,13 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
         ctx.t = t
         if t > done_dap:
             dap_start = time.perf_counter()
+            # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
+            set_seed(domain_seed(cfg.seed, 0, t))
             method.before_domain(ctx, t)
             plan = method.dap_plan(ctx, t)
             losses = dap_train(ctx, method, plan, t) if plan is not None else []
             _crash_point("dap", t)
+            set_seed(domain_seed(cfg.seed, 3, t))
             method.after_domain(ctx, t)
             progress["dap_loss"].append(losses)
             progress["dap_steps"].append(plan.steps if plan is not None else 0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from methods import Method, register
+from methods import Method, MethodError, register
 from methods.gates import (
     KINDS,
     Importance,
@@ -29,7 +29,7 @@ from methods.gates import (
     normalize,
     softmask_gradients,
 )
-from methods.modeling import MLMOutput, encoder_of, mean_pool, mlm_head_of
+from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ class Args:
     gated_view_grad: bool = True  # false: a faster variant with a detached gated view
 
 
+CHOICES = {
+    "importance_form": ("abs", "signed"),
+    "importance_transform": ("none", "permute", "binary"),
+    "general_importance": ("kl", "mlm", "random", "none"),
+    "contrast": ("full", "past-only", "general-only", "none"),
+}
+
+
 def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
     """InfoNCE with cosine similarity: anchor i against positive i, other positives, negatives."""
     a = F.normalize(anchor, dim=-1)
@@ -63,10 +71,18 @@ class DAS(Method):
 
     Args = Args
 
-    def setup(self, ctx) -> None:
-        bad = [u for u in (*self.args.units, *self.args.softmask_units) if u not in KINDS]
+    def __init__(self, args: Args | None = None) -> None:
+        super().__init__(args)
+        a = self.args
+        bad = [u for u in (*a.units, *a.softmask_units) if u not in KINDS]
         if bad:
-            raise ValueError(f"das: unknown unit kind(s) {bad}; valid: {', '.join(KINDS)}")
+            raise MethodError(f"{self.name}: unknown unit kind(s) {bad}; valid: {', '.join(KINDS)}")
+        for arg, valid in CHOICES.items():
+            if getattr(a, arg) not in valid:
+                raise MethodError(f"{self.name}: {arg} must be one of {', '.join(valid)}, "
+                                  f"got {getattr(a, arg)!r}")
+
+    def setup(self, ctx) -> None:
         self.gates = UnitGates(ctx.model)
         self.general: Importance | None = None
         self.importance: Importance | None = None  # I_≤t, accumulated
@@ -88,10 +104,7 @@ class DAS(Method):
                             reduction="batchmean")
 
         def mlm(batch: dict[str, Tensor]) -> Tensor:
-            hidden = encoder_of(model)(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"]).last_hidden_state
-            picked = batch["labels"] != -100
-            return F.cross_entropy(mlm_head_of(model)(hidden[picked]), batch["labels"][picked])
+            return mlm_forward(model, batch).loss
 
         raw = gate_gradients(self.gates, kl_proxy if loss_kind == "kl" else mlm, batches,
                              signed=self.args.importance_form == "signed")
@@ -121,9 +134,7 @@ class DAS(Method):
             rng = torch.Generator().manual_seed(seed)
             return self._keep_units({k: torch.rand(s, generator=rng)
                                      for k, s in self.gates.shapes.items()})
-        if kind == "none":
-            return self.gates.zeros()
-        raise ValueError(f"das: unknown general_importance {kind!r}; valid: kl, mlm, random, none")
+        return self.gates.zeros()  # "none"
 
     def _save(self, ctx, name: str, importance: Importance) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in importance.items()}
@@ -139,9 +150,6 @@ class DAS(Method):
                    for k, v in imp.items()}
         elif transform == "binary":
             imp = {k: (v > self.args.hard_threshold).float() for k, v in imp.items()}
-        elif transform != "none":
-            raise ValueError(f"das: unknown importance_transform {transform!r}; "
-                             "valid: none, permute, binary")
         return self._keep_units(imp)
 
     # -- the loop's moments -------------------------------------------------------------
@@ -179,8 +187,7 @@ class DAS(Method):
         with self.gates.applied(gates):
             hidden = encoder_of(model)(input_ids=torch.cat([ids] + [clean] * len(views)),
                                        attention_mask=stacked_mask).last_hidden_state
-        picked = labels != -100
-        loss = F.cross_entropy(mlm_head_of(model)(hidden[:n][picked]).float(), labels[picked])
+        loss = masked_lm_loss(model, hidden[:n], labels)
         z = list(mean_pool(hidden[n:], stacked_mask[n:]).chunk(len(views)))
         if self.args.contrast != "past-only" and not self.args.gated_view_grad:
             with torch.no_grad(), self.gates.applied(self._view):

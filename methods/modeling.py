@@ -39,14 +39,15 @@ def mlm_forward(model: nn.Module, batch: dict[str, Tensor]) -> MLMOutput:
     hidden = encoder_of(model)(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
-    labels = batch["labels"]
+    return MLMOutput(loss=masked_lm_loss(model, hidden, batch["labels"]), hidden=hidden)
+
+
+def masked_lm_loss(model: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the LM head, run only where `labels` is not -100."""
     picked = labels != -100
-    logits = mlm_head_of(model)(hidden[picked])
-    if logits.shape[0] == 0:
-        loss = hidden.sum() * 0.0
-    else:
-        loss = F.cross_entropy(logits.float(), labels[picked])
-    return MLMOutput(loss=loss, hidden=hidden)
+    if not picked.any():
+        return hidden.sum() * 0.0
+    return F.cross_entropy(mlm_head_of(model)(hidden[picked]).float(), labels[picked])
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

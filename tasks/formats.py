@@ -42,6 +42,17 @@ def _read_text(path: Path) -> str:
         return Path(path).read_text(encoding="latin-1")
 
 
+def _read_json(path: Path, kind: type, expected: str):
+    """Parse a JSON file whose top level must be `kind`; errors name the file and line."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(data, kind):
+        raise DataFormatError(f"{path}: expected {expected}")
+    return data
+
+
 # ---------------------------------------------------------------- end tasks
 
 def read_scibert_jsonl(path: Path, labels: list[str]) -> Columns:
@@ -69,12 +80,7 @@ def read_scibert_jsonl(path: Path, labels: list[str]) -> Columns:
 
 def read_aspect_json(path: Path, labels: list[str]) -> Columns:
     """Aspect sentiment JSON `{id: {sentence, term, polarity}}`; input = (aspect, sentence)."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise DataFormatError(f"{path}: expected a JSON object {{id: example}}")
+    data = _read_json(path, dict, "a JSON object {id: example}")
     out: Columns = {"text": [], "text_pair": [], "label": []}
     for key, item in data.items():
         where = f"{path}: record {key!r}"
@@ -248,12 +254,7 @@ def corpus_csv(path: Path, column: str | int | list = 0, header: bool = True,
 
 def corpus_review_json(path: Path, field: str = "amazon_reviews", **_: Any) -> list[str]:
     """A JSON list of products, each with a list of review texts in `field`."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list of products")
+    data = _read_json(path, list, "a JSON list of products")
     docs = []
     for k, item in enumerate(data):
         if not isinstance(item, dict) or not isinstance(item.get(field, []), list):
@@ -288,10 +289,7 @@ def corpus_pubtator(path: Path, **_: Any) -> list[str]:
 
 def corpus_pubmedqa(path: Path, **_: Any) -> list[str]:
     """PubMedQA `{PMID: {QUESTION, CONTEXTS: [...], LONG_ANSWER}}`: the abstract per PMID."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    data = _read_json(path, dict, "a JSON object {PMID: record}")
     docs = []
     for pmid, item in data.items():
         if not isinstance(item, dict) or not isinstance(item.get("CONTEXTS"), list):

@@ -203,3 +203,28 @@ def test_resume_mid_sequence_reloads_the_same_importance(tmp_path):
     for kind in KINDS:
         assert torch.equal(final[kind], torch.maximum(accumulated[kind], domain2[kind]))
     assert math.isfinite(result["mf1"][-1][-1])
+
+
+def test_bad_das_argument_fails_before_anything_is_written(tmp_path, capsys):
+    from benchmark.__main__ import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: das\nmethod_args: {contrast: sideways}\n")
+    out = tmp_path / "runs"
+    assert main(["run", "--config", str(bad), "--profile", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "das: contrast must be one of full, past-only, general-only, none" in err
+    assert not out.exists()
+
+
+def test_same_seed_twice_gives_identical_das_numbers(tmp_path):
+    # the KL proxy runs with dropout before the first DAP step: its randomness must be seeded
+    results = []
+    for name in ("a", "b"):
+        args = [sys.executable, "-m", "benchmark", "run", "--method", "das", "--profile", "tiny",
+                "--out", str(tmp_path / name), "--no-table"]
+        assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
+        path = tmp_path / name / "syn6-tiny" / "das" / "order0" / "seed2021" / "result.json"
+        results.append(json.loads(path.read_text()))
+    for key in ("mf1", "acc", "dap_loss", "general_mlm_loss"):
+        assert results[0][key] == results[1][key], key
