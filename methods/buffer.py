@@ -35,7 +35,7 @@ class ReservoirBuffer:
         Algorithm R: the k-th example offered (0-based) fills slot k while the buffer is not
         full, else replaces a uniform slot with probability size / (k + 1).
         """
-        rows, slots = [], []
+        row_of_slot: dict[int, int] = {}
         for i in range(n):
             if self.seen < self.size:
                 slot = self.seen
@@ -43,9 +43,12 @@ class ReservoirBuffer:
                 slot = int(torch.randint(self.seen + 1, (1,), generator=self.generator))
             self.seen += 1
             if slot < self.size:
-                rows.append(i)
-                slots.append(slot)
-        return rows, slots
+                # a later example that draws the same slot overwrites the earlier one; keeping
+                # one row per slot matters because an indexed write with repeated indices
+                # picks its winner per field (and per thread), mixing two examples' fields
+                row_of_slot.pop(slot, None)
+                row_of_slot[slot] = i
+        return list(row_of_slot.values()), list(row_of_slot)
 
     def write(self, slots: list[int], items: dict[str, Tensor]) -> None:
         """Store items (first dimension = len(slots)) into the reserved slots."""

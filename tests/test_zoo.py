@@ -120,6 +120,18 @@ def test_reservoir_never_exceeds_its_size_and_keeps_domains_in_proportion():
         assert abs(shares[domain] / 120 - share) < 0.1, shares
 
 
+def test_reservoir_stores_each_example_whole_when_a_batch_draws_a_slot_twice():
+    # with 2 slots and 64 offers per batch, slots are drawn repeatedly within one batch; an
+    # indexed write with repeated slots used to store one example's ids with another's targets
+    buffer = ReservoirBuffer(2, seed=0)
+    for step in range(30):
+        rows, slots = buffer.reserve(64)
+        assert len(set(slots)) == len(slots)
+        ids = torch.arange(64) + 64 * step
+        buffer.write(slots, {"ids": ids[rows], "copy": ids[rows].clone().float()})
+        assert torch.equal(buffer.data["ids"].float(), buffer.data["copy"])
+
+
 def test_derpp_buffer_is_bounded_and_replay_is_zero_for_an_unchanged_model(ctx, tmp_path):
     derpp = build_method("derpp", {"buffer_size": 24, "beta": 0.0, "alpha": 1.0})
     derpp.setup(ctx)
