@@ -91,7 +91,7 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
 
     started = time.perf_counter()
     model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     model.to(accelerator.device)
     ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
                   accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))

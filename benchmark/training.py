@@ -53,8 +53,10 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     for step in bar:
         ctx.step = step
         batch = next(batches)
-        outputs = method.forward(ctx, model, batch)
-        loss = method.loss(ctx, batch, outputs)
+        # explicit autocast: methods call the encoder and head directly, not the wrapped forward
+        with acc.autocast():
+            outputs = method.forward(ctx, model, batch)
+            loss = method.loss(ctx, batch, outputs)
         acc.backward(loss)
         method.after_backward(ctx)
         if cfg.max_grad_norm > 0:

@@ -1,6 +1,7 @@
 """The command line: runs, result files, tables, and one clear line for every bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,31 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown config key(s) ['dap_stepz']" in err and "dap_steps" in err
+
+
+def test_unknown_precision_is_named_with_its_file(tmp_path, capsys):
+    bad = tmp_path / "fp8.yaml"
+    bad.write_text("method: ncl\nmixed_precision: fp8\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "mixed_precision must be one of ('no', 'fp16', 'bf16')" in err
+
+
+def test_mixed_precision_changes_the_dap_losses_and_stays_finite(tmp_path):
+    # subprocesses: Accelerate fixes the precision once per process
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        proc = run_cli("run", "--method", "das", "--profile", "tiny", "--dap-steps", "2",
+                       "--ft-epochs", "1", "--mixed-precision", precision, "--out", str(out),
+                       "--no-table")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(next(out.rglob("result.json")).read_text())
+        assert result["config"]["mixed_precision"] == precision
+        losses[precision] = [loss for domain in result["dap_loss"] for loss in domain]
+    assert all(math.isfinite(loss) for loss in losses["bf16"])
+    assert losses["bf16"] != losses["no"]
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
 
 
 def test_unknown_method_argument_is_named(tmp_path, capsys):

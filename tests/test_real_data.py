@@ -300,6 +300,7 @@ def test_das6_resolves_to_the_papers_settings(tmp_path, monkeypatch, data_env):
     assert suite.base_model == "roberta-base" and suite.order(0)[0] == "restaurant"
     assert [d.task.num_labels for d in suite.domains.values()] == [3, 6, 7, 2, 13, 2]
     assert DAS6_DEFAULTS["importance_batches"] == 100
+    assert cfg.mixed_precision == "fp16"  # the paper's companion code trains in fp16
     companion = {f["path"].split("/")[0] for f in load_manifest("das6")["files"]}
     assert companion == {"yelp_restaurant.txt", "acl_anthology.txt", "ai_corpus.txt",
                          "format_pubmed_small.txt", "absa", "chemprot", "citation_intent",
