@@ -32,6 +32,11 @@ class Context:
     _corpora: dict[Any, Dataset] = field(default_factory=dict)
 
     @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes files (one of several under `accelerate launch`)."""
+        return self.accelerator.is_main_process
+
+    @property
     def artifacts_dir(self) -> Path:
         """Where a method writes inspectable per-domain artefacts (importance arrays, ...)."""
         path = self.run_dir / "artifacts"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from benchmark.basemodel import load_base_model
 from benchmark.checkpoint import (
@@ -57,16 +57,19 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads()}
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked; `--overwrite` removes it first."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to clobber an earlier run unless asked; `--overwrite` removes it first.
+
+    Every process checks; only the main one (`main`) removes or creates anything."""
     exists = (run_dir / RESULT).exists() or (run_dir / PROGRESS).exists()
-    if exists and overwrite:
-        shutil.rmtree(run_dir)
-    elif exists and not resume:
+    if exists and not (resume or overwrite):
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to "
             "start it again")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main and exists and overwrite:
+        shutil.rmtree(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _crash_point(stage: str, t: int) -> None:
@@ -87,11 +90,16 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
         return json.loads((run_dir / RESULT).read_text())
     names = suite.order(cfg.order)
     method = build_method(cfg.method, cfg.method_args)
-    prepare_run_dir(run_dir, resume, overwrite)
+    # under `accelerate launch` / `torchrun` every process runs this; only the main one writes
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    prepare_run_dir(run_dir, resume, overwrite, main)
+    accelerator.wait_for_everyone()
 
     started = time.perf_counter()
-    model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    with accelerator.main_process_first():
+        model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
     model.to(accelerator.device)
     ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
                   accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))
@@ -133,9 +141,9 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             progress["mf1"].append([])
             progress["acc"].append([])
             progress["timings"]["finetune_s"].append([])
-            save_checkpoint(run_dir, accelerator.unwrap_model(ctx.model), method,
-                            {"domain": t, "name": name})
-            write_json_atomic(run_dir / PROGRESS, progress)
+            if main:
+                save_checkpoint(run_dir, ctx.model, method, {"domain": t, "name": name})
+                write_json_atomic(run_dir / PROGRESS, progress)
         for i in range(len(progress["mf1"][t]), t + 1):
             if method.past_tasks_unchanged and i < t:
                 mf1, acc, seconds = progress["mf1"][t - 1][i], progress["acc"][t - 1][i], 0.0
@@ -148,16 +156,19 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             progress["mf1"][t].append(round(mf1, 4))
             progress["acc"][t].append(round(acc, 4))
             progress["timings"]["finetune_s"][t].append(round(seconds, 3))
-            write_json_atomic(run_dir / PROGRESS, progress)
+            if main:
+                write_json_atomic(run_dir / PROGRESS, progress)
             _crash_point("finetune", t)
         log.info("after %s: MF1 %s", name, progress["mf1"][t])
 
     progress["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     progress["finished"] = True
-    write_json_atomic(run_dir / RESULT, progress)
-    (run_dir / PROGRESS).unlink(missing_ok=True)
-    if not keep_checkpoint:
-        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if main:
+        write_json_atomic(run_dir / RESULT, progress)
+        (run_dir / PROGRESS).unlink(missing_ok=True)
+        if not keep_checkpoint:
+            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return progress
 
 

@@ -44,7 +44,10 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     schedule = get_linear_schedule_with_warmup(
         optimizer, math.ceil(cfg.dap_warmup * plan.steps), plan.steps)
     acc: Accelerator = ctx.accelerator
-    model, optimizer = acc.prepare(ctx.model, optimizer)
+    # the model is not wrapped in DDP: methods run the body and the head directly, several
+    # times a step (views, replay); each process takes a slice of the batch and the gradients
+    # are averaged after backward, before the method's gradient hooks
+    model, optimizer = ctx.model, acc.prepare(optimizer)
     batches = ctx.mlm_batches(plan.data, seed)
     ctx.total_steps = plan.steps
     losses: list[float] = []
@@ -52,12 +55,13 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
                disable=not acc.is_local_main_process)
     for step in bar:
         ctx.step = step
-        batch = next(batches)
+        batch = shard(next(batches), acc.process_index, acc.num_processes)
         # explicit autocast: methods call the encoder and head directly, not the wrapped forward
         with acc.autocast():
             outputs = method.forward(ctx, model, batch)
             loss = method.loss(ctx, batch, outputs)
         acc.backward(loss)
+        average_gradients(params, acc.num_processes)
         method.after_backward(ctx)
         if cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -68,7 +72,39 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
             losses.append(round(float(loss.detach()), 5))
             bar.set_postfix(loss=losses[-1])
     acc.free_memory()
+    check_in_sync(model, acc)
     return losses
+
+
+def shard(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+    """Process `rank`'s share of a batch every process drew identically (same seed)."""
+    if world == 1:
+        return batch
+    return {k: v[rank::world] for k, v in batch.items()}
+
+
+def average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce the mean gradient over processes, in one flat buffer."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def check_in_sync(model: nn.Module, acc: Accelerator) -> None:
+    """Raise if the processes' copies of the model differ (a gradient missed the average)."""
+    if acc.num_processes == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    sums = acc.gather(total.reshape(1).to(acc.device))
+    if not torch.equal(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"the processes' models diverged (parameter sums {sums.tolist()})")
 
 
 def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,

@@ -137,6 +137,8 @@ class DAS(Method):
         return self.gates.zeros()  # "none"
 
     def _save(self, ctx, name: str, importance: Importance) -> None:
+        if not ctx.is_main_process:
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in importance.items()}
         save_file(tensors, str(ctx.artifacts_dir / f"importance_{name}.safetensors"))
 

@@ -237,7 +237,8 @@ class IsolationMethod(Method):
                  self.name, module, len(self.names), lm)
         info = {"kind": self.kind, "modules": self.names, "module_parameters": module,
                 "lm_parameters": lm}
-        (ctx.artifacts_dir / "isolation.json").write_text(json.dumps(info, indent=1))
+        if ctx.is_main_process:
+            (ctx.artifacts_dir / "isolation.json").write_text(json.dumps(info, indent=1))
 
     def train_only(self, ctx: Context, name: str) -> None:
         """Freeze everything but module `name`, and make it the active one."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps")
 
@@ -56,3 +58,21 @@ def test_kill_between_fine_tunings_resumes_without_redoing_finished_ones(tmp_pat
     assert [len(r) for r in progress["mf1"]] == [1, 1]
     assert cli(out, "--resume").returncode == 0
     assert [len(r) for r in result(out)["mf1"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["das", "derpp"])
+def test_two_processes_share_batches_and_stay_in_sync(tmp_path, method):
+    # torchrun on CPU (gloo); the loop raises if the processes' models differ after a domain,
+    # which they do as soon as one gradient is left out of the average
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "benchmark", "run", "--method", method, "--profile", "tiny", "--dap-steps", "3",
+         "--ft-epochs", "1", "--out", str(tmp_path), "--no-table"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list(tmp_path.rglob("result.json"))
+    assert len(results) == 1 and not list(tmp_path.rglob("*.tmp"))
+    result = json.loads(results[0].read_text())
+    assert result["finished"] and [len(row) for row in result["mf1"]] == [1, 2, 3]
