@@ -66,9 +66,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool = T
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to "
             "start it again")
-    if main and exists and overwrite:
-        shutil.rmtree(run_dir)
     if main:
+        if exists and overwrite:
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
 
 
