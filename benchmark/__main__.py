@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--label", help="row name in tables (default: the method name)")
     run.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
                      help="autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)")
+    run.add_argument("--eval-matrix", dest="eval_matrix", choices=["full", "diagonal"],
+                     help="fine-tune every seen task after each domain (full), or only the "
+                          "newest one and all at the end (diagonal: same FR/KT/tables, fewer runs)")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
 
     table = sub.add_parser("table", help="build the result tables from result JSON files")
@@ -99,7 +102,8 @@ def command_run(args: argparse.Namespace) -> int:
     from tasks import load_suite
 
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
-                                           "ft_epochs", "label", "mixed_precision")}
+                                           "ft_epochs", "label", "mixed_precision",
+                                           "eval_matrix")}
     if args.data_dir:
         os.environ["CDAP_DATA_DIR"] = args.data_dir
     configs = []

@@ -44,6 +44,11 @@ class RunConfig:
     ft_lr: float = 5e-4
     ft_batch_size: int = 16
     ft_weight_decay: float = 0.01
+    # "full": after domain t fine-tune every seen task (the whole lower triangle of A);
+    # "diagonal": only task t, and every task after the last domain. FR, KT and the tables read
+    # only A[i][i] and A[T][i], so both give the same numbers; "diagonal" runs T + T-1
+    # fine-tunings instead of T(T+1)/2 (11 instead of 21 for six domains)
+    eval_matrix: str = "full"
     method_args: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,7 +64,7 @@ _POSITIVE = {"dap_steps", "dap_batch_size", "max_length", "ft_epochs", "ft_batch
              "importance_batches"}
 _NON_NEGATIVE = {"dap_lr", "ft_lr", "dap_weight_decay", "ft_weight_decay", "max_grad_norm",
                  "dap_warmup", "mlm_probability", "seed", "order"}
-_CHOICES = {"mixed_precision": ("no", "fp16", "bf16")}
+_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "eval_matrix": ("full", "diagonal")}
 
 
 def available_configs() -> dict[str, str]:

@@ -10,8 +10,10 @@ from typing import Any
 
 from accelerate import Accelerator
 from datasets import Dataset
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from benchmark.checkpoint import write_json_atomic
 from benchmark.config import RunConfig
 from benchmark.data import endless, mlm_loader, tokenize_corpus
 
@@ -42,6 +44,21 @@ class Context:
         path = self.run_dir / "artifacts"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def save_artifact(self, name: str, content: dict[str, Any]) -> None:
+        """Write `artifacts/name` once (main process only) and whole: tensors to `.safetensors`,
+        anything else to `.json`."""
+        if not self.is_main_process:
+            return
+        path = self.artifacts_dir / name
+        if path.suffix == ".safetensors":
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp))
+            tmp.replace(path)
+        elif path.suffix == ".json":
+            write_json_atomic(path, content)
+        else:
+            raise ValueError(f"artifact {name!r}: the name must end in .safetensors or .json")
 
     def base_model(self) -> nn.Module:
         """A fresh copy of θ0, the masked LM before any DAP-training."""

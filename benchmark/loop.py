@@ -144,17 +144,20 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             if main:
                 save_checkpoint(run_dir, ctx.model, method, {"domain": t, "name": name})
                 write_json_atomic(run_dir / PROGRESS, progress)
+        last_domain = t == len(names) - 1
         for i in range(len(progress["mf1"][t]), t + 1):
-            if method.past_tasks_unchanged and i < t:
-                mf1, acc, seconds = progress["mf1"][t - 1][i], progress["acc"][t - 1][i], 0.0
+            if i < t and not last_domain and cfg.eval_matrix == "diagonal":
+                mf1, acc, seconds = None, None, 0.0
+            elif method.past_tasks_unchanged and i < t:
+                mf1, acc, seconds = progress["mf1"][i][i], progress["acc"][i][i], 0.0
             else:
                 train, test = splits[i]
                 mf1, acc, seconds = finetune_and_test(
                     ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
                     seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}",
                     epochs=tasks[i].epochs)
-            progress["mf1"][t].append(round(mf1, 4))
-            progress["acc"][t].append(round(acc, 4))
+            progress["mf1"][t].append(None if mf1 is None else round(mf1, 4))
+            progress["acc"][t].append(None if acc is None else round(acc, 4))
             progress["timings"]["finetune_s"][t].append(round(seconds, 3))
             if main:
                 write_json_atomic(run_dir / PROGRESS, progress)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-Matrix = list[list[float | None]]  # lower-triangular A[t][i], None above the diagonal
+# lower-triangular A[t][i]; with `eval_matrix: diagonal` None off the diagonal before the last row
+Matrix = list[list[float | None]]
 
 
 def accuracy(gold: list[int], predicted: list[int]) -> float:
@@ -45,6 +46,10 @@ def mean_gain(matrix: Matrix, reference: list[float]) -> float:
 
 
 def average_matrices(matrices: list[Matrix]) -> Matrix:
+    """Entry-wise mean; an entry that some run did not evaluate (None) stays None."""
     size = len(matrices[0])
-    return [[float(np.mean([m[t][i] for m in matrices])) for i in range(t + 1)]
-            for t in range(size)]
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    return [[mean([m[t][i] for m in matrices]) for i in range(t + 1)] for t in range(size)]

@@ -16,7 +16,6 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor
 
 from methods import Method, MethodError, register
@@ -137,10 +136,7 @@ class DAS(Method):
         return self.gates.zeros()  # "none"
 
     def _save(self, ctx, name: str, importance: Importance) -> None:
-        if not ctx.is_main_process:
-            return
-        tensors = {k: v.detach().cpu().contiguous() for k, v in importance.items()}
-        save_file(tensors, str(ctx.artifacts_dir / f"importance_{name}.safetensors"))
+        ctx.save_artifact(f"importance_{name}.safetensors", importance)
 
     def mask(self) -> Importance:
         """I_≤t−1 as used for soft-masking and the gated view, after the RQ3 transforms."""

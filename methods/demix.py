@@ -144,12 +144,11 @@ class Demix(IsolationMethod):
             self.modules.copy(self.names[best], self.names[t])
             log.info("demix: expert %s starts from %s (perplexities %s)", self.names[t],
                      self.names[best], [round(p, 3) for p in perplexities])
-            if ctx.is_main_process:
-                path = ctx.artifacts_dir / "demix.json"
-                record = json.loads(path.read_text()) if path.exists() else {}
-                record[self.names[t]] = {"init_from": self.names[best], "perplexity": dict(
-                    zip(self.names[:t], [round(p, 5) for p in perplexities], strict=True))}
-                path.write_text(json.dumps(record, indent=1))
+            path = ctx.artifacts_dir / "demix.json"
+            record = json.loads(path.read_text()) if path.exists() else {}
+            record[self.names[t]] = {"init_from": self.names[best], "perplexity": dict(
+                zip(self.names[:t], [round(p, 5) for p in perplexities], strict=True))}
+            ctx.save_artifact("demix.json", record)
         super().before_domain(ctx, t)
 
     def model_for_task(self, ctx, i: int) -> nn.Module:

@@ -9,7 +9,6 @@ DAP-training; whether it is fine-tuned with the module on an end task is `ft_tra
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,8 +236,7 @@ class IsolationMethod(Method):
                  self.name, module, len(self.names), lm)
         info = {"kind": self.kind, "modules": self.names, "module_parameters": module,
                 "lm_parameters": lm}
-        if ctx.is_main_process:
-            (ctx.artifacts_dir / "isolation.json").write_text(json.dumps(info, indent=1))
+        ctx.save_artifact("isolation.json", info)
 
     def train_only(self, ctx: Context, name: str) -> None:
         """Freeze everything but module `name`, and make it the active one."""

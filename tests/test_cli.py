@@ -125,3 +125,23 @@ def test_run_writes_result_and_table_rebuilds_it(tmp_path, capsys):
 def test_table_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["table", "--runs", str(tmp_path)]) == 2
     assert "no finished result.json" in capsys.readouterr().err
+
+
+def test_diagonal_eval_matrix_gives_the_full_runs_numbers_with_fewer_finetunings(tmp_path):
+    from benchmark.tables import build_tables, load_results
+
+    results = {}
+    for schedule in ("full", "diagonal"):
+        out = tmp_path / schedule
+        assert main(["run", "--method", "ncl", "--profile", "tiny", "--eval-matrix", schedule,
+                     "--out", str(out), "--no-table"]) == 0
+        results[schedule] = load_results(out)[0]
+    full, diagonal = results["full"], results["diagonal"]
+    for metric in ("mf1", "acc"):
+        assert diagonal[metric][-1] == full[metric][-1]
+        assert [row[t] for t, row in enumerate(diagonal[metric])] == \
+               [row[t] for t, row in enumerate(full[metric])]
+        assert diagonal[metric][1][0] is None and full[metric][1][0] is not None
+    assert sum(s > 0 for row in diagonal["timings"]["finetune_s"] for s in row) == 5  # not 6
+    tables = [build_tables([results[s]])[0][1].drop(columns="method") for s in results]
+    assert tables[0].equals(tables[1])
