@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
     table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
     table.add_argument("--config", help="a group preset: only its rows, in its order")
+    table.add_argument("--timings", action="store_true",
+                       help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
 
     add_data_parser(sub)
     sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
@@ -134,7 +136,13 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_table(args: argparse.Namespace) -> int:
-    from benchmark.tables import build_tables, load_results, render
+    from benchmark.tables import (
+        TIMINGS_NOTE,
+        build_tables,
+        build_timing_tables,
+        load_results,
+        render,
+    )
 
     results = load_results(Path(args.runs))
     if not results:
@@ -144,7 +152,10 @@ def command_table(args: argparse.Namespace) -> int:
         rows = []
         for preset, source in _expand(args.config):
             rows.append(preset.get("label") or preset.get("method") or source)
-    print(render(build_tables(results, rows), args.format))
+    if args.timings:
+        print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
+    else:
+        print(render(build_tables(results, rows), args.format))
     return 0
 
 

@@ -82,7 +82,50 @@ def build_tables(
     return tables
 
 
-def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown") -> str:
+def build_timing_tables(
+    results: list[dict], rows: list[str] | None = None
+) -> list[tuple[str, pd.DataFrame]]:
+    """Wall time per row, mean over seeds: DAP phase, fine-tunings, total, and total / ncl's.
+
+    Comparable only between runs made under the same load and thread count (`threads` column).
+    """
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        groups[(res["suite"], res["profile"], res["order"])][res["row"]].append(res)
+    tables = []
+    for (suite, profile, order), by_row in sorted(groups.items()):
+        wanted = [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+        totals = {row: float(np.mean([r["timings"]["total_s"] for r in by_row[row]]))
+                  for row in by_row}
+        records = []
+        for row in wanted:
+            runs = by_row[row]
+            finetunes = [sum(s for domain in r["timings"]["finetune_s"] for s in domain)
+                         for r in runs]
+            records.append({
+                "method": row, "seeds": len(runs),
+                "threads": ",".join(sorted({str(r.get("threads")) for r in runs})),
+                "DAP s": f"{np.mean([sum(r['timings']['dap_s']) for r in runs]):.0f}",
+                "fine-tune s": f"{np.mean(finetunes):.0f}",
+                "total s": f"{totals[row]:.0f}",
+                "× ncl": f"{totals[row] / totals['ncl']:.2f}" if "ncl" in totals else "–",
+            })
+        heading = f"{suite} ({profile}), order {order}: wall time per run, mean over seeds"
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+METRICS_NOTE = (
+    "† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged matrices "
+    "(negative = backward transfer). KT: gain over `one`; vs-base: gain over `base`. Gen. MLM Δ: "
+    "change of the MLM loss on the held-out general corpus from the base model to the end of "
+    "the sequence (general-knowledge retention; lower is better).")
+TIMINGS_NOTE = ("Wall times compare only between runs made together, under the same load and "
+                "thread count; × ncl: total time over the `ncl` row's.")
+
+
+def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown",
+           note: str = METRICS_NOTE) -> str:
     parts = []
     for heading, frame in tables:
         if fmt == "markdown":
@@ -94,10 +137,6 @@ def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown") -> str
             parts.append(f"# {heading}\n" + frame.to_csv(index=False))
         else:
             raise ValueError(f"unknown table format {fmt!r}; valid: markdown, latex, csv")
-    note = ("† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged "
-            "matrices (negative = backward transfer). KT: gain over `one`; vs-base: gain over "
-            "`base`. Gen. MLM Δ: change of the MLM loss on the held-out general corpus from the "
-            "base model to the end of the sequence (general-knowledge retention; lower is better).")
     if fmt == "markdown" and parts:
         parts.append(note + "\n")
     return "\n".join(parts)

@@ -117,6 +117,10 @@ def test_run_writes_result_and_table_rebuilds_it(tmp_path, capsys):
     for fmt, marker in formats:
         assert main(["table", "--runs", str(out), "--format", fmt]) == 0
         assert marker in capsys.readouterr().out
+    assert main(["table", "--runs", str(out), "--timings", "--format", "csv"]) == 0
+    heading, header, ncl_row = capsys.readouterr().out.splitlines()[:3]
+    assert "wall time per run" in heading and header.endswith("× ncl")
+    assert ncl_row.startswith("ncl,1,") and ncl_row.endswith(",1.00")  # ncl against itself
     # a second run into the same place is refused rather than overwritten
     assert main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
