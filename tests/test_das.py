@@ -228,3 +228,17 @@ def test_same_seed_twice_gives_identical_das_numbers(tmp_path):
         results.append(json.loads(path.read_text()))
     for key in ("mf1", "acc", "dap_loss", "general_mlm_loss"):
         assert results[0][key] == results[1][key], key
+
+
+def test_importance_artifacts_round_trip_and_bad_names_are_refused(ctx):
+    from safetensors.torch import load_file
+
+    importance = {"head": torch.rand(2, 4), "intermediate": torch.rand(2, 8)}
+    ctx.save_artifact("importance_x.safetensors", importance)
+    ctx.save_artifact("record.json", {"a": 1})
+    files = sorted(p.name for p in ctx.artifacts_dir.iterdir())
+    assert files == ["importance_x.safetensors", "record.json"]  # no temporary left behind
+    loaded = load_file(str(ctx.artifacts_dir / "importance_x.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in importance.items())
+    with pytest.raises(ValueError, match="'notes.txt'"):
+        ctx.save_artifact("notes.txt", {"a": 1})
