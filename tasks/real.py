@@ -47,15 +47,16 @@ REAL6_PROFILES: dict[str, dict[str, Any]] = {
         defaults=dict(dap_steps=4, dap_batch_size=8, dap_lr=1e-4, max_length=64, ft_epochs=1,
                       ft_lr=2e-4, ft_batch_size=16, importance_batches=2),
     ),
-    # sized for a `das` run of about an hour on 2 idle cores, estimated from PERFORMANCE.md
-    # (MLM 16 x 128 ~4 s/step, so ~2 s at length 64, DAS ~4x: 6 x 60 steps ~48 min; 21
-    # fine-tunings of 45 steps ~12 min): subsampled tasks, short sequences, a short DAP phase
+    # subsampled tasks, short sequences, a short DAP phase. Measured for `das` at 1 thread with
+    # another run on the second core: DAP 3,862 s (ncl: 1,128 s), 21 fine-tunings
+    # 2,655 s; the 11 fine-tunings of eval_matrix "diagonal" took 1,407 s of those, ~88 min in all
     "default": dict(
         domains=None,
         caps=dict(corpus=20000, train=240, test=240),
         # ft_lr 2e-4: at 5e-5 the 45 fine-tuning steps learn nothing (majority-class MF1)
         defaults=dict(dap_steps=60, dap_batch_size=16, dap_lr=1e-4, max_length=64, ft_epochs=3,
-                      ft_lr=2e-4, ft_batch_size=16, importance_batches=4),
+                      ft_lr=2e-4, ft_batch_size=16, importance_batches=4,
+                      eval_matrix="diagonal"),
     ),
     # every example of the paper's resplit; hours on a CPU
     "full": dict(
