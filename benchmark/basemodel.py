@@ -78,7 +78,11 @@ def load_base_model(suite, override: str = "", cache: str | None = None):
     source = override or suite.base_model
     if isinstance(source, str):
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForMaskedLM.from_pretrained(source)
+        # weights the checkpoint lacks (all-MiniLM-L6-v2 has no MLM head) are initialised at
+        # random: fix them, so θ0 is the same in every run and process, and leave the run's RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForMaskedLM.from_pretrained(source)
         return model, tokenizer, 0.0
     path = cache_dir(cache) / "models" / (
         f"{source['kind']}-{_fingerprint(source, suite.vocabulary, suite.pretrain_corpus['text'])}"

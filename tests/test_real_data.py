@@ -325,3 +325,26 @@ def test_real6_tiny_runs_end_to_end(tmp_path, monkeypatch, data_env):
     result = json.loads(next(out.rglob("result.json")).read_text())
     assert result["domains"] == ["restaurant", "acl"] and len(result["mf1"][1]) == 2
     assert result["config"]["base_model"] == "" and result["dap_loss"][0][0] > 5
+
+
+def test_a_checkpoint_without_mlm_head_loads_the_same_theta0_every_time(tmp_path):
+    # all-MiniLM-L6-v2 ships no MLM head; its fresh head must not depend on the run's RNG state
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from benchmark.basemodel import load_base_model, word_tokenizer
+
+    tokenizer = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    heads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model, _, _ = load_base_model(None, override=str(tmp_path))
+        heads.append(model.cls.predictions.transform.dense.weight)
+        after_loading = torch.rand(3)
+        torch.manual_seed(seed)
+        assert torch.equal(after_loading, torch.rand(3))  # the run's RNG stream is untouched
+    assert torch.equal(heads[0], heads[1])
