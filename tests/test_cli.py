@@ -149,3 +149,16 @@ def test_diagonal_eval_matrix_gives_the_full_runs_numbers_with_fewer_finetunings
     assert sum(s > 0 for row in diagonal["timings"]["finetune_s"] for s in row) == 5  # not 6
     tables = [build_tables([results[s]])[0][1].drop(columns="method") for s in results]
     assert tables[0].equals(tables[1])
+
+
+def test_every_shipped_preset_and_group_resolves_to_a_run_config():
+    from benchmark.__main__ import _expand
+    from benchmark.config import available_configs, build_config
+    from methods import build_method
+    from tasks import load_suite
+
+    suite = load_suite("syn6", "tiny")
+    for name in available_configs():
+        for preset, source in _expand(name):
+            cfg = build_config(suite.defaults, preset, {"suite": "syn6"}, preset_source=source)
+            build_method(cfg.method, cfg.method_args)  # unknown method arguments raise here
