@@ -53,7 +53,7 @@ def train_steps(ctx, method, t: int, steps: int = 3, lr: float = 1e-2) -> list[f
         method.after_backward(ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
