@@ -145,10 +145,10 @@ def test_derpp_buffer_is_bounded_and_replay_is_zero_for_an_unchanged_model(ctx, 
             assert len(derpp.buffer) <= 24
     assert all(v.shape[0] == 24 for v in derpp.buffer.data.values())
     assert set(derpp.buffer.data["domain"].tolist()) == {0, 1}
-    assert float(derpp.replay_loss(ctx.model, 16)) < 1e-10
+    assert derpp.replay_loss(ctx.model, 16).item() < 1e-10
     with torch.no_grad():
         ctx.model.bert.encoder.layer[0].intermediate.dense.weight.normal_()
-    assert float(derpp.replay_loss(ctx.model, 16)) > 1e-3
+    assert derpp.replay_loss(ctx.model, 16).item() > 1e-3
     restored = roundtrip("derpp", derpp, ctx, tmp_path)
     assert restored.buffer.seen == derpp.buffer.seen
     for key, value in derpp.buffer.data.items():
@@ -170,10 +170,10 @@ def test_kd_term_is_zero_when_student_and_teacher_share_weights(ctx, target):
     outputs = mlm_forward(ctx.model, batch)
     assert kd.loss(ctx, batch, outputs) is outputs.loss  # no teacher for the first domain
     kd.before_domain(ctx, 1)
-    assert float(kd.distillation(ctx.model, batch, outputs.hidden)) == pytest.approx(0, abs=1e-7)
+    assert kd.distillation(ctx.model, batch, outputs.hidden).item() == pytest.approx(0, abs=1e-7)
     train_steps(ctx, kd, 1)
     outputs = mlm_forward(ctx.model, batch)
-    assert float(kd.distillation(ctx.model, batch, outputs.hidden)) > 1e-4
+    assert kd.distillation(ctx.model, batch, outputs.hidden).item() > 1e-4
     assert all(not p.requires_grad for p in kd.teacher.parameters())
 
 
