@@ -8,7 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from benchmark.config import ConfigError, available_configs, build_config, read_preset
+from benchmark.config import (
+    CHOICES,
+    ConfigError,
+    available_configs,
+    build_config,
+    read_preset,
+)
 from benchmark.datacli import add_parser as add_data_parser
 from benchmark.datacli import command_data
 
@@ -56,9 +62,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
     run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
     run.add_argument("--label", help="row name in tables (default: the method name)")
-    run.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
+    run.add_argument("--mixed-precision", dest="mixed_precision",
+                     choices=CHOICES["mixed_precision"],
                      help="autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)")
-    run.add_argument("--eval-matrix", dest="eval_matrix", choices=["full", "diagonal"],
+    run.add_argument("--eval-matrix", dest="eval_matrix", choices=CHOICES["eval_matrix"],
                      help="fine-tune every seen task after each domain (full), or only the "
                           "newest one and all at the end (diagonal: same FR/KT/tables, fewer runs)")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")

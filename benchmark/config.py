@@ -64,7 +64,7 @@ _POSITIVE = {"dap_steps", "dap_batch_size", "max_length", "ft_epochs", "ft_batch
              "importance_batches"}
 _NON_NEGATIVE = {"dap_lr", "ft_lr", "dap_weight_decay", "ft_weight_decay", "max_grad_norm",
                  "dap_warmup", "mlm_probability", "seed", "order"}
-_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "eval_matrix": ("full", "diagonal")}
+CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "eval_matrix": ("full", "diagonal")}
 
 
 def available_configs() -> dict[str, str]:
@@ -131,8 +131,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             value = str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}") from None
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"{source}: {name} must be one of {_CHOICES[name]}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{source}: {name} must be one of {CHOICES[name]}, got {value!r}")
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"{source}: {name} must be a positive integer, got {value}")
     if name in _NON_NEGATIVE and value < 0:

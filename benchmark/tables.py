@@ -41,17 +41,22 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def build_tables(
-    results: list[dict], rows: list[str] | None = None
-) -> list[tuple[str, pd.DataFrame]]:
-    """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
+def _table_groups(results: list[dict], rows: list[str] | None):
+    """(key, runs by row, the rows to show in order) per (suite, profile, order, domains)."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for res in results:
         key = (res["suite"], res["profile"], res["order"], tuple(res["domains"]))
         groups[key][res["row"]].append(res)
+    for key, by_row in sorted(groups.items()):
+        yield key, by_row, [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+
+
+def build_tables(
+    results: list[dict], rows: list[str] | None = None
+) -> list[tuple[str, pd.DataFrame]]:
+    """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
     tables = []
-    for (suite, profile, order, domains), by_row in sorted(groups.items()):
-        wanted = [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+    for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
         synthetic = any(r["synthetic"] for runs in by_row.values() for r in runs)
         for metric, title in METRICS.items():
             reference = {
@@ -89,12 +94,8 @@ def build_timing_tables(
 
     Comparable only between runs made under the same load and thread count (`threads` column).
     """
-    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for res in results:
-        groups[(res["suite"], res["profile"], res["order"])][res["row"]].append(res)
     tables = []
-    for (suite, profile, order), by_row in sorted(groups.items()):
-        wanted = [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+    for (suite, profile, order, _), by_row, wanted in _table_groups(results, rows):
         totals = {row: float(np.mean([r["timings"]["total_s"] for r in by_row[row]]))
                   for row in by_row}
         records = []

@@ -49,7 +49,7 @@ REAL6_PROFILES: dict[str, dict[str, Any]] = {
     ),
     # subsampled tasks, short sequences, a short DAP phase. Measured for `das` at 1 thread with
     # another run on the second core: DAP 3,862 s (ncl: 1,128 s), 21 fine-tunings
-    # 2,655 s; the 11 fine-tunings of eval_matrix "diagonal" took 1,407 s of those, ~88 min in all
+    # 2,655 s; the 11 fine-tunings of eval_matrix "diagonal" took 1,406 s of those, ~88 min in all
     "default": dict(
         domains=None,
         caps=dict(corpus=20000, train=240, test=240),
