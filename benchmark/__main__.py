@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
     run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
     run.add_argument("--label", help="row name in tables (default: the method name)")
+    run.add_argument("--head-warmup-steps", type=int, dest="head_warmup_steps",
+                     help="train only the base model's MLM head (encoder frozen) this many steps "
+                          "on the first domain's corpus first (for checkpoints without a head)")
     run.add_argument("--mixed-precision", dest="mixed_precision",
                      choices=CHOICES["mixed_precision"],
                      help="autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)")
@@ -112,7 +115,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label", "mixed_precision",
-                                           "eval_matrix")}
+                                           "eval_matrix", "head_warmup_steps")}
     if args.data_dir:
         os.environ["CDAP_DATA_DIR"] = args.data_dir
     configs = []

@@ -38,6 +38,10 @@ class RunConfig:
     max_length: int = 128
     max_grad_norm: float = 1.0
     importance_batches: int = 8  # batches for importance / Fisher statistics
+    # train only θ0's MLM head (encoder frozen) this many steps on the first domain's corpus
+    # before the sequence: for checkpoints shipped without a head (all-MiniLM-L6-v2)
+    head_warmup_steps: int = 0
+    head_warmup_lr: float = 1e-3
     mixed_precision: str = "no"  # "no", "fp16" or "bf16": Accelerate autocast (+ loss scaling)
     # end-task fine-tuning
     ft_epochs: int = 15
@@ -63,7 +67,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _POSITIVE = {"dap_steps", "dap_batch_size", "max_length", "ft_epochs", "ft_batch_size",
              "importance_batches"}
 _NON_NEGATIVE = {"dap_lr", "ft_lr", "dap_weight_decay", "ft_weight_decay", "max_grad_norm",
-                 "dap_warmup", "mlm_probability", "seed", "order"}
+                 "dap_warmup", "mlm_probability", "seed", "order", "head_warmup_steps",
+                 "head_warmup_lr"}
 CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "eval_matrix": ("full", "diagonal")}
 
 

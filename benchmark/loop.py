@@ -28,7 +28,13 @@ from benchmark.checkpoint import (
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
-from benchmark.training import dap_train, domain_seed, finetune_and_test, mlm_eval_loss
+from benchmark.training import (
+    dap_train,
+    domain_seed,
+    finetune_and_test,
+    mlm_eval_loss,
+    warm_up_mlm_head,
+)
 from methods import build_method
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,11 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     with accelerator.main_process_first():
         model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
     model.to(accelerator.device)
+    head_warmup = []
+    if cfg.head_warmup_steps:
+        head_warmup = warm_up_mlm_head(
+            model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
+            cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability)
     ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
                   accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))
     method.setup(ctx)
@@ -110,6 +121,7 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     general = ctx.general_corpus()
 
     progress = _fresh_progress(cfg, suite, names, method, base_seconds)
+    progress["head_warmup_loss"] = head_warmup
     if general is not None:
         progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
     done_dap = -1

@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from benchmark.data import endless, mlm_loader, task_collate
 from benchmark.metrics import accuracy, macro_f1
 from methods.base import DapPlan, Method
-from methods.modeling import mlm_forward
+from methods.modeling import encoder_of, masked_lm_loss, mlm_forward, mlm_head_of
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 10  # record the DAP loss every this many steps
@@ -126,6 +126,51 @@ def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+
+
+def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
+                     batch_size: int, lr: float, max_length: int, mlm_probability: float,
+                     seed: int = 0) -> list[float]:
+    """Train only the LM head's own weights on `corpus`, the encoder frozen; return the losses.
+
+    For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2): DAP from a random head
+    sends large, meaningless gradients into the pretrained encoder for its first hundreds of
+    steps. Weights the head shares with the encoder (the tied decoder = word embeddings) stay
+    fixed, so the encoder, and with it every no-DAP number, is unchanged. Deterministic for a
+    seed; the caller's RNG state is left as it was.
+    """
+    from benchmark.data import tokenize_corpus
+
+    shared = {id(p) for p in encoder_of(model).parameters()}
+    head = [p for p in mlm_head_of(model).parameters() if id(p) not in shared]
+    optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
+    device = next(model.parameters()).device
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    head_ids = {id(p) for p in head}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_ids)
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        set_seed(seed)
+        data = tokenize_corpus(corpus, tokenizer, max_length)
+        batches = endless(mlm_loader(data, tokenizer, batch_size, mlm_probability, seed))
+        model.eval()  # frozen features: no dropout in the encoder
+        for step in tqdm(range(steps), desc="MLM head warm-up", leave=False):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            with torch.no_grad():
+                hidden = encoder_of(model)(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).last_hidden_state
+            loss = masked_lm_loss(model, hidden, batch["labels"])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % LOSS_EVERY == 0 or step == steps - 1:
+                losses.append(round(loss.item(), 4))
+    for p, flag in trainable.items():
+        p.requires_grad_(flag)
+    return losses
 
 
 @torch.no_grad()

@@ -348,3 +348,53 @@ def test_a_checkpoint_without_mlm_head_loads_the_same_theta0_every_time(tmp_path
         torch.manual_seed(seed)
         assert torch.equal(after_loading, torch.rand(3))  # the run's RNG stream is untouched
     assert torch.equal(heads[0], heads[1])
+
+
+def test_mlm_head_warmup_trains_the_head_alone(tiny_suite):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from benchmark.basemodel import word_tokenizer
+    from benchmark.training import warm_up_mlm_head
+    from methods.modeling import encoder_of
+
+    tokenizer = word_tokenizer(tiny_suite.vocabulary)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=48, max_position_embeddings=40))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    corpus = tiny_suite.domains["restaurant"].corpus
+
+    def warm_up():
+        model.load_state_dict(start)
+        return warm_up_mlm_head(model, tokenizer, corpus, steps=30, batch_size=16, lr=1e-2,
+                                max_length=32, mlm_probability=0.15)
+
+    torch.manual_seed(5)
+    losses = warm_up()
+    assert torch.equal(torch.rand(3), (torch.manual_seed(5), torch.rand(3))[1])  # RNG untouched
+    assert sum(losses[-2:]) < sum(losses[:2])
+    after = model.state_dict()
+    encoder_keys = {f"{model.base_model_prefix}.{k}" for k in encoder_of(model).state_dict()}
+    assert encoder_keys and all(torch.equal(after[k], start[k]) for k in encoder_keys)
+    assert not torch.equal(after["cls.predictions.transform.dense.weight"],
+                           start["cls.predictions.transform.dense.weight"])
+    assert all(p.requires_grad and p.grad is None for p in encoder_of(model).parameters())
+    head = after["cls.predictions.transform.dense.weight"].clone()
+    assert warm_up() == losses and torch.equal(model.cls.predictions.transform.dense.weight, head)
+
+
+def test_head_warmup_leaves_the_no_dap_reference_unchanged(tmp_path):
+    from benchmark.__main__ import main
+    from benchmark.tables import load_results
+
+    results = []
+    for steps in ("0", "20"):
+        out = tmp_path / steps
+        assert main(["run", "--method", "base", "--profile", "tiny", "--head-warmup-steps",
+                     steps, "--out", str(out), "--no-table"]) == 0
+        results.append(load_results(out)[0])
+    assert results[0]["head_warmup_loss"] == [] and len(results[1]["head_warmup_loss"]) == 3
+    assert results[1]["config"]["head_warmup_steps"] == 20
+    assert results[0]["mf1"] == results[1]["mf1"]  # the encoder, all `base` uses, is θ0's
