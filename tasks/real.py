@@ -47,9 +47,8 @@ REAL6_PROFILES: dict[str, dict[str, Any]] = {
         defaults=dict(dap_steps=4, dap_batch_size=8, dap_lr=1e-4, max_length=64, ft_epochs=1,
                       ft_lr=2e-4, ft_batch_size=16, importance_batches=2),
     ),
-    # subsampled tasks, short sequences, a short DAP phase. Measured for `das` at 1 thread with
-    # another run on the second core: DAP 3,862 s (ncl: 1,128 s), 21 fine-tunings
-    # 2,655 s; the 11 fine-tunings of eval_matrix "diagonal" took 1,406 s of those, ~88 min in all
+    # subsampled tasks, short sequences, a short DAP phase. Measured for `das`, alone on the 2
+    # cores at 2 threads: 2,509 s (DAP 1,798 s, the 11 fine-tunings 709 s), inside the hour
     "default": dict(
         domains=None,
         caps=dict(corpus=20000, train=240, test=240),
