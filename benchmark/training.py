@@ -133,11 +133,10 @@ def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
                      seed: int = 0) -> list[float]:
     """Train only the LM head's own weights on `corpus`, the encoder frozen; return the losses.
 
-    For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2): DAP from a random head
-    sends large, meaningless gradients into the pretrained encoder for its first hundreds of
-    steps. Weights the head shares with the encoder (the tied decoder = word embeddings) stay
-    fixed, so the encoder, and with it every no-DAP number, is unchanged. Deterministic for a
-    seed; the caller's RNG state is left as it was.
+    For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2), so that DAP does not begin
+    by training the encoder through a random head (loss ~10.8). Weights the head shares with the
+    encoder (the tied decoder = word embeddings) stay fixed, so the encoder, and with it every
+    no-DAP number, is unchanged. Deterministic for a seed; the caller's RNG state is untouched.
     """
     from benchmark.data import tokenize_corpus
 
