@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from benchmark.data import endless, mlm_loader, task_collate
 from benchmark.metrics import accuracy, macro_f1
 from methods.base import DapPlan, Method
-from methods.modeling import encoder_of, masked_lm_loss, mlm_forward, mlm_head_of
+from methods.modeling import encoder_of, mlm_forward, mlm_head_of
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 10  # record the DAP loss every this many steps
@@ -107,24 +107,40 @@ def check_in_sync(model: nn.Module, acc: Accelerator) -> None:
         raise RuntimeError(f"the processes' models diverged (parameter sums {sums.tolist()})")
 
 
-def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,
-                 lr: float, max_length: int, seed: int) -> None:
-    """Plain MLM pretraining (the synthetic base model); deterministic for a seed."""
+def train_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,
+              lr: float, max_length: int, seed: int, params: list[nn.Parameter] | None = None,
+              weight_decay: float = 0.01, mlm_probability: float = 0.15,
+              max_grad_norm: float | None = 1.0, desc: str = "MLM") -> list[float]:
+    """Plain MLM training of `params` (default: all), deterministic for a seed; the losses."""
     from benchmark.data import tokenize_corpus
 
     set_seed(seed)
     data = tokenize_corpus(corpus, tokenizer, max_length)
-    batches = endless(mlm_loader(data, tokenizer, batch_size, 0.15, seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    batches = endless(mlm_loader(data, tokenizer, batch_size, mlm_probability, seed))
+    params = list(model.parameters()) if params is None else params
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
-    model.train()
-    for _ in tqdm(range(steps), desc="pretraining syn-base", leave=False):
-        loss = mlm_forward(model, next(batches)).loss
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    for step in tqdm(range(steps), desc=desc, leave=False):
+        loss = mlm_forward(model, {k: v.to(device) for k, v in next(batches).items()}).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if step % LOSS_EVERY == 0 or step == steps - 1:
+            losses.append(round(loss.item(), 4))
+    return losses
+
+
+def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,
+                 lr: float, max_length: int, seed: int) -> None:
+    """Plain MLM pretraining (the synthetic base model); deterministic for a seed."""
+    model.train()
+    train_mlm(model, tokenizer, corpus, steps, batch_size, lr, max_length, seed,
+              desc="pretraining syn-base")
     model.eval()
 
 
@@ -136,37 +152,20 @@ def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
     For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2), so that DAP does not begin
     by training the encoder through a random head (loss ~10.8). Weights the head shares with the
     encoder (the tied decoder = word embeddings) stay fixed, so the encoder, and with it every
-    no-DAP number, is unchanged. Deterministic for a seed; the caller's RNG state is untouched.
+    no-DAP number, is unchanged. Deterministic for a seed; torch's RNG state is left as it was.
     """
-    from benchmark.data import tokenize_corpus
-
     shared = {id(p) for p in encoder_of(model).parameters()}
     head = [p for p in mlm_head_of(model).parameters() if id(p) not in shared]
-    optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
-    device = next(model.parameters()).device
     trainable = {p: p.requires_grad for p in model.parameters()}
-    head_ids = {id(p) for p in head}
     for p in model.parameters():
-        p.requires_grad_(id(p) in head_ids)
-    losses: list[float] = []
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    model.eval()  # frozen features: no dropout in the encoder
     with torch.random.fork_rng(devices=[]):
-        set_seed(seed)
-        data = tokenize_corpus(corpus, tokenizer, max_length)
-        batches = endless(mlm_loader(data, tokenizer, batch_size, mlm_probability, seed))
-        model.eval()  # frozen features: no dropout in the encoder
-        for step in tqdm(range(steps), desc="MLM head warm-up", leave=False):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with torch.no_grad():
-                hidden = encoder_of(model)(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).last_hidden_state
-            loss = masked_lm_loss(model, hidden, batch["labels"])
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step % LOSS_EVERY == 0 or step == steps - 1:
-                losses.append(round(loss.item(), 4))
+        losses = train_mlm(model, tokenizer, corpus, steps, batch_size, lr, max_length, seed,
+                           params=head, weight_decay=0.0, mlm_probability=mlm_probability,
+                           max_grad_norm=None, desc="MLM head warm-up")
     for p, flag in trainable.items():
         p.requires_grad_(flag)
     return losses
