@@ -7,26 +7,35 @@ seed-averaged matrices, KT (gain over `one`) and vs-base (gain over `base`).
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmark.atomic import DamagedFile
 from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
+from benchmark.record import RunRecord, load
+
+log = logging.getLogger(__name__)
 
 ROW_ORDER = ["base", "one", "pool", "adapter-one", "prompt-one", "lora-one", "ncl",
              "ncl-adapter", "ncl-lora", "ewc", "kd", "derpp", "hat", "demix", "dga", "das"]
 METRICS = {"mf1": "MF1", "acc": "Acc"}
 
 
-def load_results(runs: Path) -> list[dict]:
+def load_results(runs: Path) -> list[RunRecord]:
+    """Every finished record under `runs`; a damaged file is skipped with a one-line warning."""
     results = []
     for path in sorted(Path(runs).rglob("result.json")):
-        data = json.loads(path.read_text())
-        if data.get("finished"):
-            results.append(data)
+        try:
+            record = load(path)
+        except (DamagedFile, OSError) as err:
+            log.warning("skipped %s", err)
+            continue
+        if record.finished:
+            results.append(record)
     return results
 
 
@@ -41,34 +50,45 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def _table_groups(results: list[dict], rows: list[str] | None):
+def _table_groups(results: list[RunRecord], rows: list[str] | None):
     """(key, runs by row, the rows to show in order) per (suite, profile, order, domains)."""
-    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for res in results:
-        key = (res["suite"], res["profile"], res["order"], tuple(res["domains"]))
-        groups[key][res["row"]].append(res)
+        key = (res.suite, res.profile, res.order, tuple(res.domains))
+        groups[key][res.row].append(res)
     for key, by_row in sorted(groups.items()):
+        _warn_mixed_base(key, by_row)
         yield key, by_row, [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
 
 
+def _warn_mixed_base(key: tuple, by_row: dict[str, list[RunRecord]]) -> None:
+    """Warn when one table holds rows started from different θ0 (their numbers do not compare)."""
+    prints = {r.base_fingerprint for runs in by_row.values() for r in runs}
+    known = sorted(p for p in prints if p)
+    if len(known) > 1 or (known and None in prints):
+        log.warning("table %s-%s order %s mixes runs from %d different base models θ0 (%s%s)",
+                    key[0], key[1], key[2], len(known), ", ".join(p[:12] for p in known),
+                    " and runs that do not record theirs" if None in prints else "")
+
+
 def build_tables(
-    results: list[dict], rows: list[str] | None = None
+    results: list[RunRecord], rows: list[str] | None = None
 ) -> list[tuple[str, pd.DataFrame]]:
     """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
     tables = []
     for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
-        synthetic = any(r["synthetic"] for runs in by_row.values() for r in runs)
+        synthetic = any(r.synthetic for runs in by_row.values() for r in runs)
         for metric, title in METRICS.items():
             reference = {
-                name: final_row(average_matrices([r[metric] for r in by_row[name]]))
+                name: final_row(average_matrices([getattr(r, metric) for r in by_row[name]]))
                 for name in ("one", "base") if name in by_row
             }
             records = []
             for row in wanted:
-                runs = sorted(by_row[row], key=lambda r: r["seed"])
-                last = np.asarray([final_row(r[metric]) for r in runs])
-                mean_matrix = average_matrices([r[metric] for r in runs])
-                label = row + (" †" if runs[0]["needs_domain_id"] else "")
+                runs = sorted(by_row[row], key=lambda r: r.seed)
+                last = np.asarray([final_row(getattr(r, metric)) for r in runs])
+                mean_matrix = average_matrices([getattr(r, metric) for r in runs])
+                label = row + (" †" if runs[0].needs_domain_id else "")
                 record = {"method": label, "seeds": len(runs)}
                 for i, domain in enumerate(domains):
                     record[domain] = _cell(list(last[:, i]))
@@ -77,7 +97,7 @@ def build_tables(
                 for name, column in (("one", "KT"), ("base", "vs-base")):
                     record[column] = (f"{mean_gain(mean_matrix, reference[name]):+.2f}"
                                       if name in reference else "–")
-                general = [r["general_mlm_loss"] for r in runs if r.get("general_mlm_loss")]
+                general = [r.general_mlm_loss for r in runs if r.general_mlm_loss]
                 record["Gen. MLM Δ"] = (f"{np.mean([g[-1] - g[0] for g in general]):+.3f}"
                                         if general else "–")
                 records.append(record)
@@ -88,7 +108,7 @@ def build_tables(
 
 
 def build_timing_tables(
-    results: list[dict], rows: list[str] | None = None
+    results: list[RunRecord], rows: list[str] | None = None
 ) -> list[tuple[str, pd.DataFrame]]:
     """Wall time per row, mean over seeds: DAP phase, fine-tunings, total, and total / ncl's.
 
@@ -96,17 +116,17 @@ def build_timing_tables(
     """
     tables = []
     for (suite, profile, order, _), by_row, wanted in _table_groups(results, rows):
-        totals = {row: float(np.mean([r["timings"]["total_s"] for r in by_row[row]]))
+        totals = {row: float(np.mean([r.timings["total_s"] for r in by_row[row]]))
                   for row in by_row}
         records = []
         for row in wanted:
             runs = by_row[row]
-            finetunes = [sum(s for domain in r["timings"]["finetune_s"] for s in domain)
+            finetunes = [sum(s for domain in r.timings["finetune_s"] for s in domain)
                          for r in runs]
             records.append({
                 "method": row, "seeds": len(runs),
-                "threads": ",".join(sorted({str(r.get("threads")) for r in runs})),
-                "DAP s": f"{np.mean([sum(r['timings']['dap_s']) for r in runs]):.0f}",
+                "threads": ",".join(sorted({str(r.threads) for r in runs})),
+                "DAP s": f"{np.mean([sum(r.timings['dap_s']) for r in runs]):.0f}",
                 "fine-tune s": f"{np.mean(finetunes):.0f}",
                 "total s": f"{totals[row]:.0f}",
                 "× ncl": f"{totals[row] / totals['ncl']:.2f}" if "ncl" in totals else "–",
