@@ -141,6 +141,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             done = load(run_dir / RESULT)
             check_same_config(cfg, done, run_dir)
             log.info("%s is complete; nothing to resume", run_dir)
+            if main:  # a kill may have come just after the result was written
+                tidy(run_dir, keep_checkpoint)
             return done.to_dict()
         stored = prepare_run_dir(run_dir, cfg, resume, overwrite, main)
         accelerator.wait_for_everyone()
@@ -149,10 +151,15 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
         if main:
             save(run_dir / RESULT, record)
             _crash_point("finish", len(record.domains) - 1)
-            (run_dir / PROGRESS).unlink(missing_ok=True)
-            if not keep_checkpoint:
-                shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+            tidy(run_dir, keep_checkpoint)
     return record.to_dict()
+
+
+def tidy(run_dir: Path, keep_checkpoint: bool) -> None:
+    """Once the result is written: drop the progress file and, unless kept, the checkpoint."""
+    (run_dir / PROGRESS).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
 
 
 def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
