@@ -171,9 +171,11 @@ def test_plot_writes_one_named_figure_per_idea(runs, tmp_path, capsys):
     from benchmark.plot import plot_runs
 
     order0 = [r for r in _load(runs) if r["order"] == 0]
-    vector = plot_runs(order0, runs, tmp_path / "pdf", ["ncl"], "pdf", per_row=False)
-    assert sorted(p.name for p in vector) == ["summary_bars.pdf", "trajectories.pdf"]
-    assert all(p.read_bytes()[:4] == b"%PDF" for p in vector)  # only the rows asked for
+    vector = plot_runs(order0, runs, tmp_path / "pdf", ["ncl"], "pdf")
+    assert sorted(p.name for p in vector) == [  # only the row asked for
+        "A_mf1-ncl.pdf", "dap_loss.pdf", "general_mlm_loss.pdf", "summary_bars.pdf",
+        "trajectories.pdf"]
+    assert all(p.read_bytes()[:4] == b"%PDF" for p in vector)
 
 
 def test_missing_extra_is_one_line_naming_the_install(runs, tmp_path, capsys, monkeypatch):
