@@ -27,7 +27,7 @@ from benchmark.report import require_extra
 log = logging.getLogger(__name__)
 FORMATS = ("png", "pdf", "svg")
 KINDS = ("head", "intermediate", "output")  # methods/gates.py unit kinds
-SHORT = {"head": "head", "intermediate": "FFN in", "output": "FFN out"}
+SHORT = {"head": "head", "intermediate": "int.", "output": "out"}
 GROUP_ORDER = ["reference", "zoo", "rq1", "rq3", "rq4", "rq5"]
 
 
@@ -282,21 +282,24 @@ def importance(stages: dict[str, dict], domains: list[str], row: str, seeds: int
                       fontsize=7)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6, label="mean unit importance")
-    fig.suptitle(f"{row}: unit importance, mean per layer × unit kind (top: general proxy and "
-                 f"each domain; bottom: accumulated I≤t), {seeds} seed(s)", fontsize=10)
+    fig.suptitle(f"{row}: unit importance, mean per layer × unit kind (attention head, FFN "
+                 "intermediate, FFN output)\ntop: general proxy and each domain; bottom: "
+                 f"accumulated I≤t; {seeds} seed(s)", fontsize=10)
     _save(fig, folder / f"importance-{_safe(row)}.{fmt}", written)
 
     last = [s for s in stages if s.startswith("accumulated")]
     if not last:
         return
     final = stages[last[-1]]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.1 * len(kinds) + 1.8), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.3 * len(kinds) + 1.8), squeeze=False,
+                             gridspec_kw={"hspace": 0.6})
     for ax, kind in zip(axes.flat, kinds, strict=True):
         image = ax.imshow(final[kind], cmap="magma", vmin=0, vmax=1, aspect="auto",
                           interpolation="nearest")
-        ax.set_ylabel(f"{kind}\nlayer", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
         ax.set_yticks(range(final[kind].shape[0]))
-        ax.set_xlabel(f"{kind} unit", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{kind} units", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8, label="importance")
     fig.suptitle(f"{row}: accumulated importance of every unit after the last domain "
                  f"({last[-1]})", fontsize=10)
