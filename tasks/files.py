@@ -105,7 +105,3 @@ class SuiteFiles:
 
     def files(self, rels: tuple[str, ...]) -> list[tuple[Path, str]]:
         return [self.file(r) for r in rels]
-
-    def verify_all(self) -> None:
-        for rel in self.spec.files:
-            self.file(rel)

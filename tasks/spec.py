@@ -8,6 +8,7 @@ same shape (README: "Your own domains"). Every problem is reported as one line n
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import inspect
 import json
 import math
@@ -90,10 +91,6 @@ class SuiteSpec:
     caps: dict[str, int] = field(default_factory=dict)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def is_user_file(self) -> bool:
-        return self.root is not None
-
 
 # ---------------------------------------------------------------- reading
 
@@ -155,13 +152,23 @@ def parse_spec(raw: dict[str, Any], source: str, root: Path | None) -> SuiteSpec
     files: dict[str, FileEntry] = {}
     for dom in domains.values():
         for path, role in dom.paths():
-            files.setdefault(path, listed.get(path) or FileEntry(path, domain=dom.name, role=role))
+            entry = listed.get(path) or FileEntry(path)
+            if not entry.domain:
+                entry = dataclasses.replace(entry, domain=dom.name, role=role)
+            files.setdefault(path, entry)
     split = raw.get("split", "paper")
     if split not in SPLITS:
         raise SuiteError(f"{source}: split {split!r} is not one of {', '.join(SPLITS)}")
     for key in ("defaults", "caps", "profiles"):
         if not isinstance(raw.get(key) or {}, dict):
             raise SuiteError(f"{source}: `{key}` must be a mapping")
+    profiles = dict(raw.get("profiles") or {})
+    _caps(raw.get("caps") or {}, f"{source}: caps")
+    for name, profile in profiles.items():
+        where = f"{source}: profile {name!r}"
+        if not isinstance(profile, dict) or set(profile) - {"defaults", "caps", "orders"}:
+            raise SuiteError(f"{where}: expected a mapping of defaults, caps, orders")
+        _caps(profile.get("caps") or {}, f"{where}: caps")
     orders = raw.get("orders")
     if orders is not None and not (isinstance(orders, list)
                                    and all(isinstance(o, list) for o in orders)):
@@ -171,7 +178,16 @@ def parse_spec(raw: dict[str, Any], source: str, root: Path | None) -> SuiteSpec
         description=str(raw.get("description", "")),
         base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
         split=split, orders=orders, defaults=dict(raw.get("defaults") or {}),
-        caps=dict(raw.get("caps") or {}), profiles=dict(raw.get("profiles") or {}))
+        caps=dict(raw.get("caps") or {}), profiles=profiles)
+
+
+def _caps(raw: Any, where: str) -> None:
+    if not isinstance(raw, dict) or set(raw) - {"corpus", "train", "test"}:
+        raise SuiteError(f"{where}: expected a mapping of corpus, train, test to row counts")
+    for key, value in raw.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise SuiteError(f"{where}: {key} must be a row count (0: all rows), got {value!r}")
 
 
 def _as_tuple(value: Any, where: str) -> tuple[str, ...]:
@@ -286,6 +302,12 @@ def _listed_files(raw: Any, source: str) -> dict[str, FileEntry]:
         if url is not None and (not isinstance(url, str)
                                 or urlsplit(url).scheme not in ("http", "https")):
             raise SuiteError(f"{where}: url {url!r} is not an http(s) URL")
+        sha, size = item.get("sha256"), item.get("bytes")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                    and all(c in "0123456789abcdef" for c in sha)):
+            raise SuiteError(f"{where}: sha256 must be 64 lowercase hex digits, got {sha!r}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise SuiteError(f"{where}: bytes must be a file size, got {size!r}")
         encoding = item.get("encoding", "utf-8")
         try:
             codecs.lookup(encoding)

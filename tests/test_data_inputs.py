@@ -211,6 +211,11 @@ def test_a_misspelt_key_or_option_names_the_file_and_domain(tmp_path, data_env):
     with pytest.raises(SuiteError, match=r"corpus source 1: format csv has no option\(s\) "
                                          r"\['colum'\]; valid: column, header"):
         load_suite(str(suite))
+    spec["domains"]["news"]["corpus"] = {"format": "text", "files": ["news.txt"]}
+    spec["caps"] = {"train": -1}
+    suite.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SuiteError, match=rf"{suite}: caps: train must be a row count"):
+        load_suite(str(suite))
 
 
 def test_the_data_dir_is_an_argument(tmp_path, data_env):
