@@ -215,14 +215,14 @@ def track_domain(accelerator: Accelerator, progress: dict, names: list[str], t: 
     """After domain t: the MF1 and Acc matrices so far as markdown text, the general loss."""
     values: dict[str, Any] = {}
     for metric in ("mf1", "acc"):
-        lines = ["| after \\ task | " + " | ".join(names[:t + 1]) + " |",
+        lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
                  "|---" * (t + 2) + "|"]
         for s, row in enumerate(progress[metric][:t + 1]):
             cells = ["–" if v is None else f"{v:.2f}" for v in row]
             lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
         values[f"A_{metric}"] = "\n".join(lines)
-    if progress["general_mlm_loss"]:
-        values["general_mlm_loss"] = progress["general_mlm_loss"][-1]
+    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
     accelerator.log(values, step=t)
 
 
