@@ -144,7 +144,8 @@ def summary_bars(by_row: dict[str, list[dict]], wanted: list[str],
         frs.append(forgetting_rate(average_matrices([r["mf1"] for r in runs])))
     colours = [palette[member.get(r, "other")] for r in wanted]
     y = np.arange(len(wanted))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.32 * len(wanted) + 1.6), sharey=True)
+    height = 0.32 * len(wanted) + 2.2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height), sharey=True)
     left.barh(y, avgs, xerr=stds, color=colours, capsize=2)
     right.barh(y, frs, color=colours)
     right.axvline(0, color="black", linewidth=0.8)
@@ -157,7 +158,7 @@ def summary_bars(by_row: dict[str, list[dict]], wanted: list[str],
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[n]) for n in names]
     fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8,
                bbox_to_anchor=(0.5, 1.0), title="group (row label: seeds)")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))  # the legend keeps 0.75 in on top
     _save(fig, path, written)
 
 
