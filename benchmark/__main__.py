@@ -280,9 +280,10 @@ def command_report(args: argparse.Namespace) -> int:
     from benchmark.report import build_report
     from benchmark.tables import load_results
 
-    if not load_results(Path(args.runs)):
+    results = load_results(Path(args.runs))
+    if not results:
         raise UsageError(f"no finished result.json under {args.runs}")
-    if args.vs and args.vs not in {r["row"] for r in load_results(Path(args.runs))}:
+    if args.vs and args.vs not in {r["row"] for r in results}:
         raise UsageError(f"--vs {args.vs}: no such row under {args.runs}")
     index = build_report(Path(args.runs), Path(args.out), _group_rows(args.config), args.vs,
                          _groups())
