@@ -9,6 +9,7 @@ same numbers. Everything `--resume` needs is read and checked before anything is
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import platform
@@ -49,11 +50,12 @@ PROGRESS = "progress.json"
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
 
 
-def run_dir_for(out: Path, cfg: RunConfig) -> Path:
+def run_dir_for(out: Path, cfg: RunConfig, legacy: bool = False) -> Path:
     """`OUT/SUITE-PROFILE/ROW/orderK/seedS`; a row that is not a safe folder name gets a hash of
-    itself appended, so two labels that sanitise alike ("das (fast)", "das [fast]") never share."""
+    itself appended, so two labels that sanitise alike ("das (fast)", "das [fast]") never share
+    (`legacy`: the name without it, as runs made before result schema 2 have it)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.row)
-    if safe != cfg.row:
+    if safe != cfg.row and not legacy:
         safe += "-" + sha1(cfg.row.encode()).hexdigest()[:8]
     return Path(out) / f"{cfg.suite}-{cfg.profile}" / safe / f"order{cfg.order}" / f"seed{cfg.seed}"
 
@@ -126,15 +128,19 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
 
 
 def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
-        cache: str | None = None, keep_checkpoint: bool = False) -> dict[str, Any]:
+        cache: str | None = None, keep_checkpoint: bool = False,
+        report_to: list[str] | None = None) -> dict[str, Any]:
     """Run one (suite, method, order, seed); return the record written to `result.json`.
 
     The last domain checkpoint is removed once the result is written, unless `keep_checkpoint`.
+    `report_to` names Accelerate trackers for live tracking (files under run_dir/tracking).
     """
     run_dir = run_dir_for(out, cfg)
     # under `accelerate launch` / `torchrun` every process runs this; only the main one writes
+    tracking = {"log_with": report_to, "project_dir": str(run_dir / "tracking")} if report_to \
+        else {}
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=True)])
+        DistributedDataParallelKwargs(find_unused_parameters=True)], **tracking)
     main = accelerator.is_main_process
     with run_lock(run_dir) if main else nullcontext():
         if resume and (run_dir / RESULT).exists():
@@ -146,12 +152,16 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             return done.to_dict()
         stored = prepare_run_dir(run_dir, cfg, resume, overwrite, main)
         accelerator.wait_for_everyone()
+        if report_to:  # live tracking: the resolved config first
+            start_tracking(accelerator, cfg, suite.order(cfg.order))
         record = run_sequence(cfg, suite, run_dir, accelerator, stored, cache)
         accelerator.wait_for_everyone()
         if main:
             save(run_dir / RESULT, record)
             _crash_point("finish", len(record.domains) - 1)
             tidy(run_dir, keep_checkpoint)
+    if report_to:
+        accelerator.end_training()
     return record.to_dict()
 
 
@@ -204,6 +214,8 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
                 save(run_dir / PROGRESS, record)
             _crash_point("finetune", t)
         log.info("after %s: MF1 %s", name, record.mf1[t])
+        if accelerator.trackers:  # live tracking: the A matrices so far, the general MLM loss
+            track_domain(accelerator, record, names, t)
     record.timings["total_s"] = round(time.perf_counter() - started, 3)
     record.finished = True
     return record
@@ -258,9 +270,40 @@ def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, task
             ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
             seed=ctx.seed_for("finetune", t, i),
             desc=f"end task {ctx.domains[i]} @ {ctx.domains[t]}", epochs=tasks[i].epochs)
+    if mf1 is not None and ctx.accelerator.trackers:  # live tracking: A[t][i] as it comes
+        ctx.accelerator.log({f"mf1/{i}_{ctx.domains[i]}": mf1,
+                             f"acc/{i}_{ctx.domains[i]}": acc}, step=t)
     record.mf1[t].append(None if mf1 is None else round(mf1, 4))
     record.acc[t].append(None if acc is None else round(acc, 4))
     record.timings["finetune_s"][t].append(round(seconds, 3))
+
+
+# -- live tracking (`run --report-to`): Accelerate's trackers, written by the main process ----
+
+def start_tracking(accelerator: Accelerator, cfg: RunConfig, names: list[str]) -> None:
+    """Start the trackers and store the resolved config (scalars as they are, the rest as
+    JSON text: TensorBoard's hparams take only scalars and strings)."""
+    config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+              for k, v in {**cfg.to_dict(), "domains": names}.items()}
+    label = f"{cfg.row}-order{cfg.order}-seed{cfg.seed}"
+    accelerator.init_trackers("cdap-bench", config=config, init_kwargs={
+        "wandb": {"name": label}, "mlflow": {"run_name": label}})
+
+
+def track_domain(accelerator: Accelerator, progress: RunRecord, names: list[str],
+                 t: int) -> None:
+    """After domain t: the MF1 and Acc matrices so far as markdown text, the general loss."""
+    values: dict[str, Any] = {}
+    for metric in ("mf1", "acc"):
+        lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
+                 "|---" * (t + 2) + "|"]
+        for s, row in enumerate(progress[metric][:t + 1]):
+            cells = ["–" if v is None else f"{v:.2f}" for v in row]
+            lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
+        values[f"A_{metric}"] = "\n".join(lines)
+    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
+    accelerator.log(values, step=t)
 
 
 def new_record(cfg: RunConfig, suite, names: list[str], method: Method, base_s: float,
