@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmark run | table | list`."""
+"""Command line: `python -m benchmark run | table | list | data | bench | sweep`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmark.bench import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from benchmark.sweep import main as sweep
+
+        return sweep(argv[1:])
     args = parser().parse_args(argv)
     import datasets
 
