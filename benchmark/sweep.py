@@ -53,18 +53,22 @@ EXECUTORS = ("local", "slurm", "submitit-local")
 DEFAULT_SEEDS = [2021, 111, 222]
 
 # ---------------------------------------------------------------- cost estimate
-# Seconds per step on this machine: a 2-core CPU shared with other jobs, OMP_NUM_THREADS=1.
-# DAP (batch 64 × 16 tokens, syn6 default), measured 2026-11-30 with
+# Seconds per step on this machine, a 2-core CPU shared with other jobs (load average 12-14 while
+# measuring; the README's quiet-machine `bench` at 2 threads: ncl 0.151, das 0.430), 1 thread.
+# DAP (batch 64 × 16 tokens, syn6 default), measured 2026-11-30 23:30-23:45 UTC with
 #   OMP_NUM_THREADS=1 python -m benchmark bench --steps 10 --repeats 3
+#   -> ncl 1.5805 s/step, das 4.7095 s/step (2.98×)
 # Fine-tuning (batch 16) and the per-run overhead (base model load, tokenisation, general-corpus
 # MLM evaluations), from the timings of a `base` run (no DAP: all of it is fine-tuning),
 # measured 2026-11-30 with
-#   OMP_NUM_THREADS=1 python -m benchmark run --method base --out /work/runs/sweep/calib
-#   (ft = Σ finetune_s / Σ fine-tuning steps; overhead = total_s − Σ finetune_s)
+#   OMP_NUM_THREADS=1 python -m benchmark run --method base --ft-epochs 3 --out CALIB
+#   -> ft = Σ finetune_s / Σ fine-tuning steps = 107.8 s / 162 = 0.665 s/step; overhead = the
+#   command's wall time − Σ finetune_s = 202 s − 108 s = 94 s (process start and imports 49 s)
 # Other machines: `--s-per-step ncl=...,das=...,ft=...,overhead=...` (e.g. from `bench` there).
 MEASURED: dict[str, dict[str, float]] = {
-    "syn6/default": {"ncl": 0.0, "das": 0.0, "ft": 0.0, "overhead": 0.0},
+    "syn6/default": {"ncl": 1.5805, "das": 4.7095, "ft": 0.665, "overhead": 94.0},
 }
+MEASURED_NOTE = "2026-11-30, 1 thread, 2-core CPU at load average ~12"
 # DAP cost of a method as the s/step figure it uses and a factor on it. DER++ replays a batch of
 # earlier sequences beside each new one: its DAP took 345 s against 162 s for EWC and KD in
 # results/syn6/syn6-default/{derpp,ewc,kd}/order0/seed2021/result.json (timings.dap_s): 2.1×.
@@ -404,7 +408,7 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def dry_run(cells: list[Cell], grid: Grid, jobs: int) -> str:
+def dry_run(cells: list[Cell], grid: Grid, jobs: int, rates: dict | None = None) -> str:
     from tabulate import tabulate
 
     rows, counts = [], {"done": 0, "running": 0, "killed": 0, "todo": 0}
@@ -427,10 +431,9 @@ def dry_run(cells: list[Cell], grid: Grid, jobs: int) -> str:
              f"{len(cells)} cells ({shape}); done {counts['done']}, killed (will resume) "
              f"{counts['killed']}, running elsewhere {counts['running']}, to run {counts['todo']}"]
     if left:
-        per = f"{grid.threads_per_job or 1} thread(s) per cell"
-        lines.append(f"estimated time of the cells left: {_hours(left)} of cell time "
-                     f"({per}, s/step measured here: see benchmark/sweep.py MEASURED); "
-                     f"{_hours(left / max(1, jobs))} wall at --jobs {jobs}")
+        source = "--s-per-step" if rates else f"measured {MEASURED_NOTE} (sweep.py MEASURED)"
+        lines.append(f"estimated time of the cells left: {_hours(left)} of cell time at the "
+                     f"s/step {source}; {_hours(left / max(1, jobs))} wall at --jobs {jobs}")
     if unknown:
         lines.append(f"{int(unknown)} cells have no estimate: no s/step measured for their "
                      "suite/profile (pass --s-per-step ncl=..,das=..,ft=..)")
@@ -683,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard:
             cells = shard(cells, args.shard)
         if args.dry_run:
-            print(dry_run(cells, grid, grid.jobs))
+            print(dry_run(cells, grid, grid.jobs, args.s_per_step))
             return 0
         todo = [c for c in cells if cell_status(c) != "done"]
         print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "

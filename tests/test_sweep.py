@@ -65,6 +65,7 @@ def test_killed_sweep_reruns_only_missing_cells_and_equals_the_submitit_sweep(tm
     assert 2 <= len(before) < 8
 
     code, out, err = finish(sweep(str(grid), "--out", str(killed)))
+    print(f"killed after {len(before)} finished cells; rerun:\n{out}")
     assert code == 0, err[-3000:]
     assert f"8 cells, {len(before)} done, {8 - len(before)} to run" in out
     assert out.count(": ran in ") == 8 - len(before)
@@ -75,6 +76,7 @@ def test_killed_sweep_reruns_only_missing_cells_and_equals_the_submitit_sweep(tm
     # the same grid straight through submitit's local executor (real subprocesses)
     code, out, err = finish(sweep(str(grid), "--out", str(straight), "--executor",
                                   "submitit-local"))
+    print(f"submitit-local:\n{out}")
     assert code == 0, err[-3000:]
     assert out.count(": ran in ") == 8
     assert len(results(straight)) == 8
@@ -158,7 +160,7 @@ def test_paper_grid_has_every_row_on_five_orders_and_three_seeds(tmp_path):
     ("jobs: many\nmethods: [ncl]\n", "jobs"),
     ("executor: pbs\nmethods: [ncl]\n", "executor"),
     ("methods: [ncl]\nrun_args: [--seed, '3']\n", "run_args"),
-    ("methods: [ncl]\nrun_args: [--dap-step, '3']\n", "run_args"),
+    ("methods: [ncl]\nrun_args: [--no-such-flag, '3']\n", "run_args"),
     ("methods: [ncl]\nrun_args: [--dap-steps, many]\n", "run_args"),
 ])
 def test_bad_grid_file_is_one_clear_line_and_exit_2(tmp_path, capsys, text, key):
