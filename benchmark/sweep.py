@@ -136,8 +136,9 @@ class Grid:
         "help": "extra `run` flags for every cell, e.g. [--eval-matrix, diagonal]",
         "kind": "names"})
     executor: str = field(default="local", metadata={"help": "local | slurm | submitit-local"})
-    jobs: int = field(default=1, metadata={
-        "help": "cells at once (local, submitit-local); slurm: the array's parallelism"})
+    jobs: int = field(default=0, metadata={
+        "help": "cells at once (local, submitit-local; 0: one); slurm: the array's parallelism "
+                "(0: no cap)"})
     threads_per_job: int = field(default=0, metadata={
         "help": "OMP_NUM_THREADS of each cell (0: the cores divided by --jobs; slurm: "
                 "cpus_per_task)"})
@@ -180,7 +181,7 @@ def _check(key: str, value: Any, source: str) -> Any:
     if key == "executor" and value not in EXECUTORS:
         raise GridError(f"{source}: executor: expected one of {', '.join(EXECUTORS)}, "
                         f"got {value!r}")
-    if isinstance(value, int | float) and value < 0 or key in ("jobs", "time_min") and value < 1:
+    if isinstance(value, int | float) and value < 0 or key == "time_min" and value < 1:
         raise GridError(f"{source}: {key}: out of range: {value!r}")
     return value
 
@@ -536,10 +537,15 @@ def run_local(cells: list[Cell], grid: Grid) -> list[Outcome]:
     with ThreadPoolExecutor(max_workers=jobs) as pool, \
             tqdm(total=len(cells), desc="sweep", unit="cell") as bar:
         futures = [pool.submit(one, cell) for cell in cells]
-        for future in _as_done(futures):
-            outcomes.append(future.result())
-            _report(outcomes[-1], bar)
-            bar.update()
+        try:
+            for future in _as_done(futures):
+                outcomes.append(future.result())
+                _report(outcomes[-1], bar)
+                bar.update()
+        except KeyboardInterrupt:  # start no further cell; the running ones got the signal too
+            for future in futures:
+                future.cancel()
+            raise
     return outcomes
 
 
@@ -573,8 +579,9 @@ def run_submitit(cells: list[Cell], grid: Grid) -> list[Outcome] | None:
                               "tasks_per_node": 1, "nodes": 1, "name": "cdap-sweep"}
     threads = grid.threads_per_job or grid.cpus_per_task
     if cluster == "slurm":
-        params.update({"slurm_array_parallelism": grid.jobs,
-                       "slurm_additional_parameters": grid.slurm_args})
+        params["slurm_additional_parameters"] = grid.slurm_args
+        if grid.jobs:
+            params["slurm_array_parallelism"] = grid.jobs
         if grid.partition:
             params["slurm_partition"] = grid.partition
         if grid.cpus_per_task:
@@ -686,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard:
             cells = shard(cells, args.shard)
         if args.dry_run:
-            print(dry_run(cells, grid, grid.jobs, args.s_per_step))
+            print(dry_run(cells, grid, max(1, grid.jobs), args.s_per_step))
             return 0
         todo = [c for c in cells if cell_status(c) != "done"]
         print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "

@@ -1,6 +1,7 @@
 """`benchmark sweep`: cells skipped when done, resumed when killed, one writer per cell, shards,
 the submitit path through submitit's own local executor, clear errors for a bad grid file."""
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,13 @@ def results(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("result.json")}
 
 
+def midway(out: Path) -> list[str]:
+    """Cells killed after a domain checkpoint: progress.json and checkpoint/ without a result."""
+    return [str(p.parent.relative_to(out)) for p in out.rglob("progress.json")
+            if (p.parent / "checkpoint" / "meta.json").exists()
+            and not (p.parent / "result.json").exists()]
+
+
 def table(runs: Path) -> str:
     done = subprocess.run([sys.executable, "-m", "benchmark", "table", "--runs", str(runs)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -54,15 +62,17 @@ def test_killed_sweep_reruns_only_missing_cells_and_equals_the_submitit_sweep(tm
     killed, straight = tmp_path / "killed", tmp_path / "submitit"
 
     # the whole sweep (the sweep and its running cells) is killed once two cells have finished
+    # and a later one is midway (its first domain checkpointed)
     proc = sweep(str(grid), "--out", str(killed), start_new_session=True)
     deadline = time.monotonic() + 900
-    while len(results(killed)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while (len(results(killed)) < 2 or not midway(killed)) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    before = results(killed)
-    assert 2 <= len(before) < 8
+    before, partial = results(killed), midway(killed)
+    assert 2 <= len(before) < 8 and partial
 
     code, out, err = finish(sweep(str(grid), "--out", str(killed)))
     print(f"killed after {len(before)} finished cells; rerun:\n{out}")
@@ -72,6 +82,8 @@ def test_killed_sweep_reruns_only_missing_cells_and_equals_the_submitit_sweep(tm
     after = results(killed)
     assert len(after) == 8
     assert all(after[name] == mtime for name, mtime in before.items())  # not rewritten
+    for cell in partial:  # the killed cells continued from their checkpoint
+        assert json.loads((killed / cell / "result.json").read_text())["resumed_at"], cell
 
     # the same grid straight through submitit's local executor (real subprocesses)
     code, out, err = finish(sweep(str(grid), "--out", str(straight), "--executor",
