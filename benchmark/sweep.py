@@ -488,7 +488,7 @@ def execute_cell(cell: Cell, threads: int = 0, gpus: int = 0, devices: str | Non
             logfile = cell.claim_dir / "run.log"
             start = time.perf_counter()
             with open(logfile, "a") as fh:
-                fh.write(f"$ {' '.join(cell_command(cell, gpus))}\n")
+                fh.write(f"\n$ {' '.join(cell_command(cell, gpus))}\n")
                 fh.flush()
                 code = subprocess.run(cell_command(cell, gpus), stdout=fh,
                                       stderr=subprocess.STDOUT, env=env).returncode

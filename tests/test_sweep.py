@@ -33,7 +33,7 @@ def sweep(*args: str, **popen) -> subprocess.Popen:
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 2400) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
