@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                      help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
     run.add_argument("--data-dir", help="data files of real suites (default $CDAP_DATA_DIR or "
                      "the user cache dir; das6: the companion archive's data/ folder)")
+    run.add_argument("--base-model", dest="base_model",
+                     help="a hub id or local model folder replacing the suite's base model")
     run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
     run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
     run.add_argument("--label", help="row name in tables (default: the method name)")
@@ -115,7 +117,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label", "mixed_precision",
-                                           "eval_matrix", "head_warmup_steps")}
+                                           "eval_matrix", "head_warmup_steps", "base_model")}
     if args.data_dir:
         os.environ["CDAP_DATA_DIR"] = args.data_dir
     configs = []
