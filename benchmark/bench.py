@@ -6,7 +6,8 @@ importance passes (the KL proxy before the first domain, the domain importance a
 timed apart, with their share of a domain's time and a projection of a whole DAP sequence.
 
 The methods run in one process on the same model, batch and length, alternating (ncl, das, ncl,
-das, ...) so that machine noise hits all of them; the figures are medians of `--repeats`.
+das, ...) so that machine noise hits all of them; the figures are medians of `--repeats`, and
+seconds per step are marginal (see FIXED_STEPS).
 
 Model FLOPs, counted by hooks on the encoder and the LM head (so a method's extra passes, views,
 replay or teacher forwards are counted as the method runs them), per call over T tokens of
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import logging
 import math
@@ -59,7 +61,7 @@ from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
 from benchmark.training import dap_train
 from methods import DapPlan, MethodError, available_methods, build_method
-from methods.modeling import encoder_of, mlm_head_of
+from methods.modeling import encoder_of, mlm_forward, mlm_head_of
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,12 @@ SIZES: dict[str, dict[str, int]] = {
                  intermediate_size=128),
 }
 ROBERTA_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # roberta-base's ids
+
+
+# s/step is marginal: (time of FIXED_STEPS + N steps - time of FIXED_STEPS steps) / N, so what
+# every dap_train call pays once (a new optimiser, Accelerate's free_memory: gc.collect and
+# emptying the CUDA cache, the first allocations) drops out of the per-step figure
+FIXED_STEPS = 2
 
 
 class OutOfMemory(Exception):
@@ -287,6 +295,16 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator):
     return suite.defaults, model, tokenizer, None, len(suite.order(0)), suite
 
 
+def _warm_up(ctx: Context) -> None:
+    """One untimed MLM pass with gradient, so that kernel and library set-up (cuBLAS, autocast
+    casts, the first allocations) is not charged to the importance pass timed next."""
+    batch = next(ctx.mlm_batches(ctx.corpus(0), 0))
+    with ctx.accelerator.autocast():
+        loss = mlm_forward(ctx.model, batch).loss
+    loss.backward()
+    ctx.model.zero_grad(set_to_none=True)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Time `args.methods` side by side; a dict of every figure the report prints."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -326,26 +344,33 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                       _corpora={0: corpus})
             method = build_method(name)
             method.setup(ctx)
+            _warm_up(ctx)
             seconds = _timed(device, lambda m=method, c=ctx: m.before_domain(c, 0))
             runs[name] = (ctx, method, FlopCounter(ctx.model))
             out["methods"][name] = {"s_per_step": [], "peak_bytes": 0, "before_domain_s": seconds}
         for ctx, method, _ in runs.values():  # warm-up: first steps pay allocations
-            _timed(device, lambda c=ctx, m=method: dap_train(c, m, DapPlan(c.corpus(0), 2), 0))
+            _timed(device, lambda c=ctx, m=method: dap_train(c, m, DapPlan(c.corpus(0), 1), 0))
+        gc.freeze()  # the loop's free_memory() collects garbage: not over every module's objects
         for _ in range(args.repeats):
             for name, (ctx, method, flops) in runs.items():
+                def steps(n: int, c=ctx, m=method) -> float:
+                    return _timed(device, lambda: dap_train(c, m, DapPlan(c.corpus(0), n), 0))
+
+                short = steps(FIXED_STEPS)
                 ctx.tokens, ctx.width = 0, 0
                 flops.reset()
                 with PeakMemory(device) as memory:
-                    seconds = _timed(device, lambda c=ctx, m=method: dap_train(
-                        c, m, DapPlan(c.corpus(0), args.steps), 0))
+                    long = steps(FIXED_STEPS + args.steps)
+                done = FIXED_STEPS + args.steps
                 row = out["methods"][name]
-                row["s_per_step"].append(seconds / args.steps)
+                row["s_per_step"].append(max(long - short, 0.0) / args.steps)
                 row["peak_bytes"] = max(row["peak_bytes"], memory.peak)
                 row["memory_kind"] = memory.kind
-                row["tokens_per_step"] = ctx.tokens / args.steps
-                row["flops_per_step"] = flops.flops / args.steps
-                row["encoder_flops_per_step"] = flops.encoder_flops / args.steps
+                row["tokens_per_step"] = ctx.tokens / done
+                row["flops_per_step"] = flops.flops / done
+                row["encoder_flops_per_step"] = flops.encoder_flops / done
                 row["passes"] = flops.encoder_flops / flops.one_pass(ctx.tokens, ctx.width)
+        gc.unfreeze()
         ctx = next(iter(runs.values()))[0]  # the input pipeline alone: collate, mask, copy
         batches = ctx.mlm_batches(ctx.corpus(0), 0)
         next(batches)

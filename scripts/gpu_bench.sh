@@ -90,7 +90,7 @@ for name, res in runs:
             share = f"{100 * (imp['kl_proxy_s'] + res['domains'] * imp['domain_s']) / total:.1f} %"
         lines.append(
             f"| {name} | {method} | {res['batch']} x {acc} | {step * acc:.3f} | "
-            f"{row['tokens_per_step'] / step:,.0f} | {tflops:.0f} | {mfu} | "
+            f"{row['tokens_per_step'] / step:,.0f} | {tflops:.3g} | {mfu} | "
             f"{row['peak_bytes'] / 2**30:.1f} GiB | {step / ncl:.2f}x | {share} | "
             f"{row['projected_sequence_s'] / 3600:.2f} h |")
 lines += ["", "Targets: ncl >= 40 % MFU in bf16; das/ncl <= 3x per step; the six-domain das "
