@@ -278,7 +278,7 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator):
         if args.suite == "das6":
             from tasks.real import DAS6_DEFAULTS as defaults
         else:
-            defaults = load_suite(args.suite, args.profile).defaults
+            defaults = load_suite(args.suite, args.profile, data_dir=args.data_dir).defaults
         length = args.seq_len or defaults.get("max_length", RunConfig.max_length)
         model = random_roberta(args.size, attn=args.attn)
         tokenizer = random_tokenizer(model.config.vocab_size)
@@ -288,7 +288,7 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator):
         return defaults, model, tokenizer, corpus, 6, None
     from benchmark.basemodel import load_base_model
 
-    suite = load_suite(args.suite, args.profile)
+    suite = load_suite(args.suite, args.profile, data_dir=args.data_dir)
     model, tokenizer, _ = load_base_model(suite, args.base_model or "", args.cache_dir)
     if args.attn and hasattr(model.config, "_attn_implementation"):
         model.config._attn_implementation = args.attn
@@ -509,8 +509,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     p = parser()
     args = p.parse_args(argv)
     for name in ("steps", "repeats", "batch", "seq_len", "global_batch", "importance_batches"):
@@ -519,8 +517,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.seq_len is not None and args.seq_len < 3:
         p.error("--seq-len must be at least 3 (<s>, one token, </s>)")
-    if args.data_dir:
-        os.environ["CDAP_DATA_DIR"] = args.data_dir
     from tasks import SuiteError
 
     try:
