@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
-    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
                    add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
