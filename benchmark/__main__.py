@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
                      help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
     run.add_argument("--data-dir", help="data files of real suites (default $CDAP_DATA_DIR or "
                      "the user cache dir; das6: the companion archive's data/ folder)")
+    run.add_argument("--base-model", dest="base_model",
+                     help="a hub id or local model folder replacing the suite's base model")
     run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
     run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
     run.add_argument("--label", help="row name in tables (default: the method name)")
@@ -105,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
-    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
                    add_help=False)
     sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
@@ -183,7 +185,7 @@ def command_run(args: argparse.Namespace) -> int:
     _check_trackers(args.report_to)
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label", "mixed_precision",
-                                           "eval_matrix", "head_warmup_steps")}
+                                           "eval_matrix", "head_warmup_steps", "base_model")}
     configs = []
     for preset, source in _expand(args.config):
         suite_name = flags["suite"] or preset.get("suite") or "syn6"
