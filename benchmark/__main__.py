@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmark run | table | plot | report | list`."""
+"""Command line: `python -m benchmark run | table | plot | report | list | data | bench | sweep`."""
 
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
-    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
@@ -323,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmark.bench import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from benchmark.sweep import main as sweep
+
+        return sweep(argv[1:])
     args = parser().parse_args(argv)
     import datasets
 
