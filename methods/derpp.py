@@ -23,11 +23,10 @@ domain being trained.
 The buffer's size: `buffer_size` sequences, or, when 0 (default), `buffer_share` of all the
 run's corpora together, as the companion code sizes it per domain times the number of domains
 (`approaches/before_posttrain.py` l.55). The paper keeps about 100 sequences per domain of
-~640k (0.016 %); on `syn6` (about 4,300 sequences per domain) such a share would be under one
-sequence, so the default is 1 % (about 260 sequences for six domains, 43 per domain at the
-end) against the 11.6 % per domain of the earlier fixed 500. After each domain
-`artifacts/derpp.json` records how many sequences of each domain the buffer holds and its share
-of the corpora seen so far.
+~640k (0.016 %); on `syn6` (720 sequences per domain, 4,320 in all) that share is under one
+sequence, so the default is 1 %: 43 sequences on `syn6`, about 7 per domain at the end, where
+the earlier fixed 500 held 11.6 % of the corpora. After each domain `artifacts/derpp.json`
+records how many sequences of each domain the buffer holds and its share of the corpora seen so far.
 """
 
 from __future__ import annotations
