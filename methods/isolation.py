@@ -189,7 +189,10 @@ class SoftPrompts(nn.Module):
     each call the real tokens are padded to `width` (= `max_length`) and embedded by the word
     embeddings, the active prompt is appended, the stock embedding layer adds positions (real
     tokens 0…L−1, prompt `width`…`width`+p−1, as in the companion code where every sequence
-    is `max_length` long), and the output is cut back to the L real tokens.
+    is `max_length` long), and the output is cut back to the L real tokens. The real tokens
+    enter as word embeddings, as in ContinualLM `networks/prompt/tuning.py` l.26 and peft;
+    DGA's `cat_learned_embedding_to_input` (l.55) runs them through the whole embedding layer
+    before the model embeds them again (positions and LayerNorm twice), which is not kept.
     """
 
     def __init__(self, encoder: nn.Module, names: list[str], length: int, width: int,

@@ -223,7 +223,7 @@ def test_prompt_is_appended_after_the_real_tokens_at_their_own_positions(ctx):
     # real tokens at 0…L−1 (padded to max_length 16), the prompt at 16…63 after them
     assert torch.equal(positions[0].flatten(), torch.arange(16 + 48))
     # DGA networks/prompt.py l.64: [X; P], here X the word embeddings of the real tokens
-    # (ContinualLM networks/prompt/tuning.py l.37), padded to max_length, P the prompt
+    # (ContinualLM networks/prompt/tuning.py l.26), padded to max_length, P the prompt
     padded = F.pad(ids, (0, 16 - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
     embeds = torch.cat([encoder.embeddings.word_embeddings(padded),
                         prompt.expand(ids.shape[0], -1, -1)], dim=1)
