@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+import benchmark.compat  # noqa: F401  (torchvision without its operators: see there)
 from methods.base import DapPlan, Method, NoArgs
 
 __all__ = [
