@@ -36,6 +36,9 @@ Corrections of plugins that silently misbehave on an MLM are small named context
   importance stays 0 (it does nothing); the snapshots are copied.
 - `si_cache_parameters` (avl-si): SI walks the whole module tree (`get_layers_and_params`) in
   every call, five times a step; the list of parameters is computed once per plugin call.
+- `rwalk_finite_penalty` (avl-rwalk): in a domain of fewer than `delta_t` steps RWalk never
+  updates its scores and its penalty is 0/0 = NaN in every weight (the loss turns NaN); the
+  score term is taken as 0 there.
 
 Plugins that run backward passes of their own (importance passes, reference gradients) are
 refused under several processes: those gradients would not be averaged across processes.
@@ -178,8 +181,9 @@ class StrategyStandIn:
 
 # -- named corrections ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def restore_train_mode(strategy: StrategyStandIn, plugins: Any) -> Iterator[None]:
+def restore_train_mode(method: AvalancheMethod, event: str) -> Iterator[None]:
     """Put the model back in the mode it had before the plugin call (RWalk leaves `eval()`)."""
+    strategy = method.strategy
     was_training = strategy.model.training
     try:
         yield
@@ -188,9 +192,9 @@ def restore_train_mode(strategy: StrategyStandIn, plugins: Any) -> Iterator[None
 
 
 @contextlib.contextmanager
-def si_copy_snapshots(strategy: StrategyStandIn, plugins: Any) -> Iterator[None]:
+def si_copy_snapshots(method: AvalancheMethod, event: str) -> Iterator[None]:
     """SI's weight snapshots as copies, not views of the live CPU parameters."""
-    si = plugins.SynapticIntelligencePlugin
+    si = type(method.plugin)
     original = si.__dict__["extract_weights"]
 
     @torch.no_grad()
@@ -206,9 +210,9 @@ def si_copy_snapshots(strategy: StrategyStandIn, plugins: Any) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def si_cache_parameters(strategy: StrategyStandIn, plugins: Any) -> Iterator[None]:
+def si_cache_parameters(method: AvalancheMethod, event: str) -> Iterator[None]:
     """SI's parameter list computed once per plugin call instead of once per use."""
-    si = plugins.SynapticIntelligencePlugin
+    si = type(method.plugin)
     original = si.__dict__["allowed_parameters"]
     found: dict[tuple[int, frozenset], list] = {}
 
@@ -225,7 +229,25 @@ def si_cache_parameters(strategy: StrategyStandIn, plugins: Any) -> Iterator[Non
         si.allowed_parameters = original
 
 
-PATCHES = {f.__name__: f for f in (restore_train_mode, si_copy_snapshots, si_cache_parameters)}
+@contextlib.contextmanager
+def rwalk_finite_penalty(method: AvalancheMethod, event: str) -> Iterator[None]:
+    """RWalk's per-domain penalty without 0/0: a domain shorter than `delta_t` steps has no
+    score update, all scores stay 0 and `relu(score) / max_score` is NaN in every weight; the
+    score term is taken as 0 then (the penalty is the normalised Fisher alone)."""
+    yield
+    rwalk = method.plugin
+    if event != "after_training_exp" or any(s.data.abs().max() > 0
+                                            for s in rwalk.exp_scores.values()):
+        return
+    log.warning("%s: no RWalk score update in a domain of fewer than delta_t=%d steps; its "
+                "penalty is the normalised Fisher alone", method.name, rwalk.delta_t)
+    top = max(imp.data.max() for imp in rwalk.exp_importance.values())
+    for name, penalty in rwalk.exp_penalties.items():
+        penalty.data = rwalk.exp_importance[name].data / top
+
+
+PATCHES = {f.__name__: f for f in (restore_train_mode, si_copy_snapshots, si_cache_parameters,
+                                   rwalk_finite_penalty)}
 
 
 # -- the adapter ---------------------------------------------------------------------------------
@@ -254,7 +276,7 @@ class AvalancheMethod(Method):
         for event in events:
             with contextlib.ExitStack() as stack:
                 for name in self.patches:
-                    stack.enter_context(PATCHES[name](self.strategy, self._plugins))
+                    stack.enter_context(PATCHES[name](self, event))
                 getattr(self.plugin, event)(self.strategy)
 
     # -- the loop's moments ----------------------------------------------------------------
@@ -302,7 +324,7 @@ class AvalancheMethod(Method):
                          hidden=hidden)
 
     def loss(self, ctx, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
-        self.strategy.loss = outputs.loss
+        self.strategy.loss = outputs.loss.clone()  # plugins add in place (`loss += penalty`)
         self.call("before_backward")
         return self.strategy.loss
 
@@ -391,6 +413,7 @@ class AvlRWalk(AvalancheMethod):
     plugin_class = "RWalkPlugin"
     state_attrs = ("iter_importance", "exp_scores", "exp_params", "exp_importance",
                    "exp_penalties")
+    patches = ("restore_train_mode", "rwalk_finite_penalty")
 
 
 @dataclass

@@ -278,3 +278,15 @@ def test_avl_ewc_agrees_with_our_ewc(ctx):
     theirs.call("before_backward")
     assert s.loss.item() == pytest.approx(ours.penalty(ctx.model).item(), rel=1e-4)
     assert s.loss.item() > 0
+
+
+@needs_avalanche
+def test_rwalk_penalty_stays_finite_in_a_domain_shorter_than_delta_t(ctx):
+    for patches, finite in ((("restore_train_mode", "rwalk_finite_penalty"), True),
+                            (("restore_train_mode",), False)):
+        method = build_method("avl-rwalk", {"delta_t": 10})
+        method.patches = patches
+        method.setup(ctx)
+        train_domain(ctx, method, 0, steps=3)  # 3 < delta_t: no score update
+        losses = train_domain(ctx, method, 1, steps=1)
+        assert bool(torch.isfinite(torch.tensor(losses)).all()) is finite
