@@ -115,11 +115,17 @@ def masked_tensors(ids: list[list[int]], tokenizer, probability: float,
 
 def avalanche_dataset(x: Tensor, y: Tensor):
     """An AvalancheDataset of `(x, y, t)` items, task label 0 (what plugins and loaders read)."""
-    from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
     from torch.utils.data import TensorDataset
 
-    labels = DataAttribute([0] * len(x), "targets_task_labels", use_in_getitem=True)
-    return make_avalanche_dataset(TensorDataset(x, y), data_attributes=[labels])
+    return avalanche_dataset_of(TensorDataset(x, y))
+
+
+def avalanche_dataset_of(data):
+    """`data` (items `(x, y)`) as an AvalancheDataset of `(x, y, t)` items, task label 0."""
+    from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
+
+    labels = DataAttribute([0] * len(data), "targets_task_labels", use_in_getitem=True)
+    return make_avalanche_dataset(data, data_attributes=[labels])
 
 
 # -- the strategy stand-in -----------------------------------------------------------------------
