@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmark run | table | list`."""
+"""Command line: `python -m benchmark run | table | plot | report | list`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                      help="fine-tune every seen task after each domain (full), or only the "
                           "newest one and all at the end (diagonal: same FR/KT/tables, fewer runs)")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run.add_argument("--report-to", dest="report_to", type=_trackers,
+                     help="live tracking through Accelerate's trackers, comma separated: "
+                          "tensorboard, wandb, mlflow, ... (files under RUN_DIR/tracking)")
 
     table = sub.add_parser("table", help="build the result tables from result JSON files")
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
@@ -78,6 +81,28 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--config", help="a group preset: only its rows, in its order")
     table.add_argument("--timings", action="store_true",
                        help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
+    table.add_argument("--paper-metrics", action="store_true", dest="paper_metrics",
+                       help="the paper's per-task metric: micro-F1 (= Acc) for pubmed/ChemProt, "
+                            "MF1 elsewhere")
+    table.add_argument("--pooled", action="store_true",
+                       help="orders pooled: mean ± std over orders × seeds")
+    table.add_argument("--vs", metavar="ROW",
+                       help="add each row's difference in average MF1 against ROW, 95 %% "
+                            "interval over seeds (needs the report extra)")
+
+    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
+    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
+    plot.add_argument("--config", help="a group preset: only its rows, in its order")
+    plot.add_argument("--out", default="figures", help="where the figures go")
+    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+
+    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
+                            "configs, versions (needs the report extra)")
+    report.add_argument("--runs", default="results/runs",
+                        help="directory searched for result.json")
+    report.add_argument("--config", help="a group preset: only its rows, in its order")
+    report.add_argument("--out", default="report", help="folder of index.html")
+    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
     sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
@@ -86,6 +111,47 @@ def parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list methods, suites or configs")
     listing.add_argument("what", choices=["methods", "suites", "configs"])
     return top
+
+
+def _trackers(text: str) -> list[str]:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LOGGER_TYPE_TO_CLASS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tracker(s) {unknown}; valid: "
+                                         f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
+    return names
+
+
+def _check_trackers(names: list[str] | None) -> None:
+    """Accelerate drops a tracker whose package is missing without a word: say so instead."""
+    if not names:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in names if t not in available]
+    if missing:
+        hint = "pip install -e '.[report]'" if missing == ["tensorboard"] else \
+            f"pip install {' '.join(missing)}"
+        raise UsageError(f"--report-to {','.join(missing)}: package not installed; {hint}")
+
+
+def _group_rows(preset_name: str | None) -> list[str] | None:
+    """The row labels of a group preset, in its order (None: every row)."""
+    if not preset_name:
+        return None
+    return [p.get("label") or p.get("method") or src for p, src in _expand(preset_name)]
+
+
+def _groups() -> dict[str, list[str]]:
+    """Every shipped group preset and its rows (bar colours in `plot`)."""
+    out = {}
+    for name in available_configs():
+        if "runs" in read_preset(name):
+            out[name] = _group_rows(name)
+    return out
 
 
 def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
@@ -112,6 +178,7 @@ def command_run(args: argparse.Namespace) -> int:
     from methods import available_methods, build_method
     from tasks import load_suite
 
+    _check_trackers(args.report_to)
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label", "mixed_precision",
                                            "eval_matrix", "head_warmup_steps")}
@@ -136,7 +203,8 @@ def command_run(args: argparse.Namespace) -> int:
         log.info("run %s on %s/%s order %d seed %d", cfg.row, cfg.suite, cfg.profile,
                  cfg.order, cfg.seed)
         run(cfg, suite, Path(args.out), resume=args.resume, overwrite=args.overwrite,
-            cache=args.cache_dir, keep_checkpoint=args.keep_checkpoint)
+            cache=args.cache_dir, keep_checkpoint=args.keep_checkpoint,
+            report_to=args.report_to)
     if not args.no_table:
         print(render(build_tables(load_results(Path(args.out)))))
     return 0
@@ -161,8 +229,65 @@ def command_table(args: argparse.Namespace) -> int:
             rows.append(preset.get("label") or preset.get("method") or source)
     if args.timings:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
+    elif args.paper_metrics or args.pooled:
+        print(render(_table_view(results, rows, args.paper_metrics, args.pooled), args.format,
+                     _table_note(args.paper_metrics, args.pooled)))
     else:
         print(render(build_tables(results, rows), args.format))
+    if args.vs:
+        from benchmark.tables import build_vs_tables, vs_note
+
+        if args.vs not in {r["row"] for r in results}:
+            raise UsageError(f"--vs {args.vs}: no such row under {args.runs}; rows: "
+                             f"{', '.join(sorted({r['row'] for r in results}))}")
+        print(render(build_vs_tables(results, args.vs, rows), args.format, vs_note(args.vs)))
+    return 0
+
+
+def _table_view(results: list[dict], rows: list[str] | None, paper: bool, pooled: bool):
+    from benchmark import tables
+
+    if pooled:
+        if paper:
+            return tables.build_pooled_tables(tables.with_paper_metric(results), rows,
+                                              tables.PAPER_METRICS)
+        return tables.build_pooled_tables(results, rows)
+    return tables.build_paper_tables(results, rows)
+
+
+def _table_note(paper: bool, pooled: bool) -> str:
+    from benchmark import tables
+
+    if pooled:
+        return tables.POOLED_NOTE + (" " + tables.PAPER_METRIC_NOTE if paper else "")
+    return tables.PAPER_NOTE
+
+
+def command_plot(args: argparse.Namespace) -> int:
+    from benchmark.plot import plot_runs
+    from benchmark.tables import load_results
+
+    results = load_results(Path(args.runs))
+    if not results:
+        raise UsageError(f"no finished result.json under {args.runs}")
+    written = plot_runs(results, Path(args.runs), Path(args.out), _group_rows(args.config),
+                        args.format, _groups())
+    print(f"{len(written)} figures under {args.out}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from benchmark.report import build_report
+    from benchmark.tables import load_results
+
+    results = load_results(Path(args.runs))
+    if not results:
+        raise UsageError(f"no finished result.json under {args.runs}")
+    if args.vs and args.vs not in {r["row"] for r in results}:
+        raise UsageError(f"--vs {args.vs}: no such row under {args.runs}")
+    index = build_report(Path(args.runs), Path(args.out), _group_rows(args.config), args.vs,
+                         _groups())
+    print(f"report: {index}")
     return 0
 
 
@@ -199,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()
+    from benchmark.report import ExtraMissing
     from methods import MethodError
     from tasks import SuiteError
 
     try:
         return {"run": command_run, "table": command_table, "list": command_list,
-                "data": command_data}[args.command](args)
-    except (ConfigError, MethodError, SuiteError, UsageError) as err:
+                "data": command_data, "plot": command_plot,
+                "report": command_report}[args.command](args)
+    except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

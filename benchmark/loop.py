@@ -85,10 +85,12 @@ def _crash_point(stage: str, t: int) -> None:
 
 
 def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
-        cache: str | None = None, keep_checkpoint: bool = False) -> dict[str, Any]:
+        cache: str | None = None, keep_checkpoint: bool = False,
+        report_to: list[str] | None = None) -> dict[str, Any]:
     """Run one (suite, method, order, seed); return the result written to `result.json`.
 
     The last domain checkpoint is removed once the result is written, unless `keep_checkpoint`.
+    `report_to` names Accelerate trackers for live tracking (files under run_dir/tracking).
     """
     run_dir = run_dir_for(out, cfg)
     if resume and (run_dir / RESULT).exists():
@@ -97,11 +99,15 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     names = suite.order(cfg.order)
     method = build_method(cfg.method, cfg.method_args)
     # under `accelerate launch` / `torchrun` every process runs this; only the main one writes
+    tracking = {"log_with": report_to, "project_dir": str(run_dir / "tracking")} if report_to \
+        else {}
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=True)])
+        DistributedDataParallelKwargs(find_unused_parameters=True)], **tracking)
     main = accelerator.is_main_process
     prepare_run_dir(run_dir, resume, overwrite, main)
     accelerator.wait_for_everyone()
+    if report_to:  # live tracking: the resolved config first
+        start_tracking(accelerator, cfg, names)
 
     started = time.perf_counter()
     with accelerator.main_process_first():
@@ -168,6 +174,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
                     ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
                     seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}",
                     epochs=tasks[i].epochs)
+            if mf1 is not None and accelerator.trackers:  # live tracking: A[t][i] as it comes
+                accelerator.log({f"mf1/{i}_{names[i]}": mf1, f"acc/{i}_{names[i]}": acc}, step=t)
             progress["mf1"][t].append(None if mf1 is None else round(mf1, 4))
             progress["acc"][t].append(None if acc is None else round(acc, 4))
             progress["timings"]["finetune_s"][t].append(round(seconds, 3))
@@ -175,6 +183,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
                 write_json_atomic(run_dir / PROGRESS, progress)
             _crash_point("finetune", t)
         log.info("after %s: MF1 %s", name, progress["mf1"][t])
+        if accelerator.trackers:  # live tracking: the A matrices so far, the general MLM loss
+            track_domain(accelerator, progress, names, t)
 
     progress["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     progress["finished"] = True
@@ -184,7 +194,36 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
         (run_dir / PROGRESS).unlink(missing_ok=True)
         if not keep_checkpoint:
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    if report_to:
+        accelerator.end_training()
     return progress
+
+
+# -- live tracking (`run --report-to`): Accelerate's trackers, written by the main process ----
+
+def start_tracking(accelerator: Accelerator, cfg: RunConfig, names: list[str]) -> None:
+    """Start the trackers and store the resolved config (scalars as they are, the rest as
+    JSON text: TensorBoard's hparams take only scalars and strings)."""
+    config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+              for k, v in {**cfg.to_dict(), "domains": names}.items()}
+    label = f"{cfg.row}-order{cfg.order}-seed{cfg.seed}"
+    accelerator.init_trackers("cdap-bench", config=config, init_kwargs={
+        "wandb": {"name": label}, "mlflow": {"run_name": label}})
+
+
+def track_domain(accelerator: Accelerator, progress: dict, names: list[str], t: int) -> None:
+    """After domain t: the MF1 and Acc matrices so far as markdown text, the general loss."""
+    values: dict[str, Any] = {}
+    for metric in ("mf1", "acc"):
+        lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
+                 "|---" * (t + 2) + "|"]
+        for s, row in enumerate(progress[metric][:t + 1]):
+            cells = ["–" if v is None else f"{v:.2f}" for v in row]
+            lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
+        values[f"A_{metric}"] = "\n".join(lines)
+    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
+    accelerator.log(values, step=t)
 
 
 def _fresh_progress(cfg: RunConfig, suite, names: list[str], method, base_s: float) -> dict:
