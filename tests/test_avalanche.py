@@ -290,3 +290,35 @@ def test_rwalk_penalty_stays_finite_in_a_domain_shorter_than_delta_t(ctx):
         train_domain(ctx, method, 0, steps=3)  # 3 < delta_t: no score update
         losses = train_domain(ctx, method, 1, steps=1)
         assert bool(torch.isfinite(torch.tensor(losses)).all()) is finite
+
+
+@needs_avalanche
+def test_as_benchmark_and_evaluator_give_our_result_file(tmp_path):
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from benchmark.avalanche import CdapEvaluator, as_benchmark, masked_cross_entropy
+    from benchmark.tables import build_tables, load_results
+
+    bench = as_benchmark("syn6", "tiny", order=0)
+    assert len(bench.train_stream) == len(bench.domains) == 3
+    x, y, t = bench.train_stream[0].dataset[0]
+    assert x.shape == (2, bench.config.max_length) and int(t) == 0
+    assert torch.equal(x[1].bool(), y != -100) and (y != -100).any()
+    model = bench.base_model()
+    strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                     criterion=masked_cross_entropy, train_mb_size=16, train_epochs=1,
+                     device="cpu", evaluator=EvaluationPlugin(loggers=[]),
+                     plugins=[CdapEvaluator(bench, tmp_path, row="avalanche naive")])
+    before = [p.detach().clone() for p in model.parameters()]
+    for experience in bench.train_stream:
+        strategy.train(experience)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    results = load_results(tmp_path)
+    assert len(results) == 1
+    result = results[0]
+    assert [len(row) for row in result["mf1"]] == [1, 2, 3]
+    assert result["row"] == "avalanche naive" and result["profile"] == "tiny"
+    assert len(result["general_mlm_loss"]) == 4 and all(s > 0 for s in result["dap_steps"])
+    table = build_tables(results)[0][1]
+    assert "avalanche naive" in table.iloc[:, 0].tolist()
