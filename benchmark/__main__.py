@@ -1,21 +1,28 @@
-"""Command line: `python -m benchmark run | table | plot | report | list`."""
+"""Command line: `python -m benchmark run | table | plot | report | list | data | bench | sweep`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from benchmark.atomic import DamagedFile
 from benchmark.config import (
-    CHOICES,
+    FLAGS,
     ConfigError,
+    RunConfig,
+    add_flags,
     available_configs,
     build_config,
+    check_writable,
     read_preset,
 )
 from benchmark.datacli import add_parser as add_data_parser
 from benchmark.datacli import command_data
+from benchmark.lock import RunLocked
 
 DEFAULT_SEEDS = [2021, 111, 222, 333, 444]  # the companion code's fine-tuning seeds
 log = logging.getLogger("benchmark")
@@ -41,35 +48,20 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a method over a suite's domain sequence")
-    run.add_argument("--method", help="registered method name (see `list methods`)")
-    run.add_argument("--suite", help="suite name (default syn6)")
-    run.add_argument("--profile", help="suite profile: tiny | default")
-    run.add_argument("--order", type=int, help="domain order index (0..4)")
-    run.add_argument("--seed", type=int, help="one seed (default 2021)")
+    add_flags(run)  # one flag per knob of RunConfig that has one: --method, --dap-steps, ...
     run.add_argument("--seeds", type=_seeds,
                      help="several seeds, comma separated, e.g. 2021,111,222")
     run.add_argument("--config", help="a preset name (see `list configs`) or a YAML path")
     run.add_argument("--out", default="results/runs", help="where result files go")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    run.add_argument("--overwrite", action="store_true", help="discard an earlier run first")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    again.add_argument("--overwrite", action="store_true", help="discard an earlier run first")
     run.add_argument("--keep-checkpoint", action="store_true",
                      help="keep the final DAP-trained model (run_dir/checkpoint) after the run")
     run.add_argument("--cache-dir",
                      help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
     run.add_argument("--data-dir", help="data files of real suites (default $CDAP_DATA_DIR or "
                      "the user cache dir; das6: the companion archive's data/ folder)")
-    run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
-    run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
-    run.add_argument("--label", help="row name in tables (default: the method name)")
-    run.add_argument("--head-warmup-steps", type=int, dest="head_warmup_steps",
-                     help="train only the base model's MLM head (encoder frozen) this many steps "
-                          "on the first domain's corpus first (for checkpoints without a head)")
-    run.add_argument("--mixed-precision", dest="mixed_precision",
-                     choices=CHOICES["mixed_precision"],
-                     help="autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)")
-    run.add_argument("--eval-matrix", dest="eval_matrix", choices=CHOICES["eval_matrix"],
-                     help="fine-tune every seen task after each domain (full), or only the "
-                          "newest one and all at the end (diagonal: same FR/KT/tables, fewer runs)")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     run.add_argument("--report-to", dest="report_to", type=_trackers,
                      help="live tracking through Accelerate's trackers, comma separated: "
@@ -105,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
-    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
@@ -172,34 +166,45 @@ def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
     return out
 
 
-def command_run(args: argparse.Namespace) -> int:
-    from benchmark.loop import run
-    from benchmark.tables import build_tables, load_results, render
-    from methods import available_methods, build_method
+def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:
+    """Every (config, suite) the command asks for, resolved and checked before anything runs:
+    config values, method and its arguments, order, base model folder, writable folders."""
+    from benchmark.basemodel import cached_path, check_base_model
+    from methods import build_method
     from tasks import load_suite
 
     _check_trackers(args.report_to)
-    flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
-                                           "ft_epochs", "label", "mixed_precision",
-                                           "eval_matrix", "head_warmup_steps")}
+    flags = {f.name: getattr(args, f.name) for f in FLAGS}
+    suites: dict[tuple[str, str], Any] = {}  # each suite is loaded once per invocation
     configs = []
     for preset, source in _expand(args.config):
-        suite_name = flags["suite"] or preset.get("suite") or "syn6"
-        profile = flags["profile"] or preset.get("profile") or "default"
-        suite = load_suite(suite_name, profile, data_dir=args.data_dir)
+        key = (flags["suite"] or preset.get("suite") or "syn6",
+               flags["profile"] or preset.get("profile") or "default")
+        if key not in suites:
+            suites[key] = load_suite(*key, data_dir=args.data_dir)
+        suite = suites[key]
         seeds = args.seeds or ([args.seed] if args.seed is not None else None)
         seeds = seeds or ([preset["seed"]] if "seed" in preset else [DEFAULT_SEEDS[0]])
         for seed in seeds:
             cfg = build_config(suite.defaults, preset, {**flags, "suite": suite.name, "seed": seed},
                                source)
-            available = available_methods()
-            if cfg.method not in available:
-                raise ConfigError(f"unknown method {cfg.method!r}; valid methods: "
-                                  f"{', '.join(available)}")
             suite.order(cfg.order)
-            build_method(cfg.method, cfg.method_args)  # fails now on a bad method argument
+            build_method(cfg.method, cfg.method_args, source)
+            check_base_model(cfg.base_model or suite.base_model)
             configs.append((cfg, suite))
-    for cfg, suite in configs:
+    check_writable(Path(args.out), "--out")
+    for suite in {id(s): s for _, s in configs}.values():
+        cached = cached_path(suite, args.cache_dir)
+        if cached is not None and not cached.exists():  # θ0 will be pretrained and cached
+            check_writable(cached.parent, "--cache-dir" if args.cache_dir else "model cache")
+    return configs
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from benchmark.loop import run
+    from benchmark.tables import build_tables, load_results, render
+
+    for cfg, suite in plan_runs(args):
         log.info("run %s on %s/%s order %d seed %d", cfg.row, cfg.suite, cfg.profile,
                  cfg.order, cfg.seed)
         run(cfg, suite, Path(args.out), resume=args.resume, overwrite=args.overwrite,
@@ -320,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmark.bench import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from benchmark.sweep import main as sweep
+
+        return sweep(argv[1:])
     args = parser().parse_args(argv)
     import datasets
 
@@ -332,9 +341,23 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": command_run, "table": command_table, "list": command_list,
                 "data": command_data, "plot": command_plot,
                 "report": command_report}[args.command](args)
-    except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing) as err:
+    except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing, DamagedFile,
+            RunLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder turned read-only, ...
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                             errno.ENOTDIR, errno.EISDIR):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        again = "; then rerun with --resume to continue" if args.command == "run" else ""
+        print(f"error: {err.strerror or err}{where}{again}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = ("; rerun the same command with --resume to continue from the last finished "
+                 "step" if args.command == "run" else "")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

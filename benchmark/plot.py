@@ -227,9 +227,10 @@ def _artifact_dirs(runs_dir: Path, runs: list[dict]) -> list[Path]:
 
     found = []
     for res in runs:
-        rel = run_dir_for(Path("."), SimpleNamespace(**{k: res[k] for k in (
-            "suite", "profile", "row", "order", "seed")})) / "artifacts"
-        found += [p for p in [Path(runs_dir) / rel, *Path(runs_dir).glob(f"**/{rel}")]
+        cfg = SimpleNamespace(**{k: res[k] for k in ("suite", "profile", "row", "order", "seed")})
+        found += [p for legacy in (False, True)
+                  for rel in [run_dir_for(Path("."), cfg, legacy) / "artifacts"]
+                  for p in [Path(runs_dir) / rel, *Path(runs_dir).glob(f"**/{rel}")]
                   if p.is_dir()][:1]
     return found
 

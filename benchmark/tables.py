@@ -3,18 +3,25 @@
 One table per (suite, profile, order) and metric: a row per method (its `row` label), the
 last row of A (mean ± std over seeds) per domain, the average, the forgetting rate on
 seed-averaged matrices, KT (gain over `one`) and vs-base (gain over `base`).
+
+Result files are read through `benchmark.record` (schema checked, old files upgraded, damaged
+ones skipped with a warning); the views below get each record as its dict.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmark.atomic import DamagedFile
 from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
+from benchmark.record import load
+
+log = logging.getLogger(__name__)
 
 ROW_ORDER = ["base", "one", "pool", "adapter-one", "prompt-one", "lora-one", "ncl",
              "ncl-adapter", "ncl-lora", "ewc", "kd", "derpp", "hat", "demix", "dga", "das"]
@@ -22,11 +29,17 @@ METRICS = {"mf1": "MF1", "acc": "Acc"}
 
 
 def load_results(runs: Path) -> list[dict]:
+    """Every finished record under `runs` (as `RunRecord.to_dict()`); a damaged file is skipped
+    with a one-line warning naming it."""
     results = []
     for path in sorted(Path(runs).rglob("result.json")):
-        data = json.loads(path.read_text())
-        if data.get("finished"):
-            results.append(data)
+        try:
+            record = load(path)
+        except (DamagedFile, OSError) as err:
+            log.warning("skipped %s", err)
+            continue
+        if record.finished:
+            results.append(record.to_dict())
     return results
 
 
@@ -48,7 +61,18 @@ def _table_groups(results: list[dict], rows: list[str] | None):
         key = (res["suite"], res["profile"], res["order"], tuple(res["domains"]))
         groups[key][res["row"]].append(res)
     for key, by_row in sorted(groups.items()):
+        _warn_mixed_base(key, by_row)
         yield key, by_row, [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+
+
+def _warn_mixed_base(key: tuple, by_row: dict[str, list[dict]]) -> None:
+    """Warn when one table holds rows started from different θ0 (their numbers do not compare)."""
+    prints = {r.get("base_fingerprint") for runs in by_row.values() for r in runs}
+    known = sorted(p for p in prints if p)
+    if len(known) > 1 or (known and None in prints):
+        log.warning("table %s-%s order %s mixes runs from %d different base models θ0 (%s%s)",
+                    key[0], key[1], key[2], len(known), ", ".join(p[:12] for p in known),
+                    " and runs that do not record theirs" if None in prints else "")
 
 
 def build_tables(

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods import Method, MethodError, register
+from methods import Method, knob, positive, register
 from methods.gates import (
     KINDS,
     Importance,
@@ -31,29 +32,28 @@ from methods.gates import (
 from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
 
 log = logging.getLogger(__name__)
+Kind = Literal["head", "intermediate", "output"]  # gates.KINDS
 
 
 @dataclass
 class Args:
-    units: list[str] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
+    """The paper's settings: contrastive temperature 0.05, weight 1; |grad| importance."""
+
+    units: list[Kind] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
     softmask: bool = True  # RQ3: false = no soft-masking
-    softmask_units: list[str] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
-    importance_form: str = "abs"  # abs: mean |∂L/∂g| (paper); signed: companion code's sum
-    importance_transform: str = "none"  # none | permute (RQ3 random) | binary (RQ3 hard mask)
+    softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
+    # abs: mean |∂L/∂g| (paper); signed: companion code's sum
+    importance_form: Literal["abs", "signed"] = "abs"
+    # none | permute (RQ3 random) | binary (RQ3 hard mask)
+    importance_transform: Literal["none", "permute", "binary"] = "none"
     hard_threshold: float = 0.5
-    general_importance: str = "kl"  # kl | mlm (general corpus) | random | none (RQ5)
-    contrast: str = "full"  # full | past-only | general-only | none (RQ4)
+    # kl | mlm (general corpus) | random | none (RQ5)
+    general_importance: Literal["kl", "mlm", "random", "none"] = "kl"
+    contrast: Literal["full", "past-only", "general-only", "none"] = "full"  # RQ4
     contrast_weight: float = 1.0
-    temperature: float = 0.05
+    temperature: float = knob(0.05, check=positive)
     gated_view_grad: bool = True  # false: a faster variant with a detached gated view
 
-
-CHOICES = {
-    "importance_form": ("abs", "signed"),
-    "importance_transform": ("none", "permute", "binary"),
-    "general_importance": ("kl", "mlm", "random", "none"),
-    "contrast": ("full", "past-only", "general-only", "none"),
-}
 
 
 def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
@@ -69,17 +69,6 @@ class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
 
     Args = Args
-
-    def __init__(self, args: Args | None = None) -> None:
-        super().__init__(args)
-        a = self.args
-        bad = [u for u in (*a.units, *a.softmask_units) if u not in KINDS]
-        if bad:
-            raise MethodError(f"{self.name}: unknown unit kind(s) {bad}; valid: {', '.join(KINDS)}")
-        for arg, valid in CHOICES.items():
-            if getattr(a, arg) not in valid:
-                raise MethodError(f"{self.name}: {arg} must be one of {', '.join(valid)}, "
-                                  f"got {getattr(a, arg)!r}")
 
     def setup(self, ctx) -> None:
         self.gates = UnitGates(ctx.model)
