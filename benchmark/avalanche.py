@@ -35,12 +35,12 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import Dataset as TorchDataset
 
-from benchmark.basemodel import load_base_model
-from benchmark.checkpoint import write_json_atomic
+from benchmark.basemodel import fingerprint, load_base_model
 from benchmark.config import RunConfig, build_config
 from benchmark.context import Context
 from benchmark.data import MLMCollator, tokenize_task
-from benchmark.loop import RESULT, _fresh_progress, run_dir_for
+from benchmark.loop import RESULT, new_record, run_dir_for
+from benchmark.record import save
 from benchmark.training import LOSS_EVERY, domain_seed, finetune_and_test, mlm_eval_loss
 from methods import MethodError
 from methods.avalanche import INSTALL, MaskedLogits, avalanche_dataset_of, masked_cross_entropy
@@ -140,12 +140,13 @@ class CdapEvaluator(SupervisedPlugin):
         if self.progress is not None:
             return
         self.started = time.perf_counter()
-        self.progress = _fresh_progress(self.config, self.bench.suite, self.bench.domains,
-                                        SimpleNamespace(needs_domain_id=False), 0.0)
         ctx = self._context(strategy)
+        self.progress = new_record(self.config, self.bench.suite, self.bench.domains,
+                                   SimpleNamespace(needs_domain_id=False), 0.0,
+                                   fingerprint(ctx.model))
         general = ctx.general_corpus()
         if general is not None:
-            self.progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
+            self.progress.general_mlm_loss.append(mlm_eval_loss(ctx, ctx.model, general))
         strategy.model.train()
 
     def before_training_exp(self, strategy, *args, **kwargs) -> None:
@@ -162,12 +163,12 @@ class CdapEvaluator(SupervisedPlugin):
         t = strategy.experience.current_experience
         names, cfg, progress = self.bench.domains, self.config, self.progress
         ctx = self._context(strategy)
-        progress["dap_loss"].append(self.losses)
-        progress["dap_steps"].append(self.steps)
+        progress.dap_loss.append(self.losses)
+        progress.dap_steps.append(self.steps)
         general = ctx.general_corpus()
         if general is not None:
-            progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
-        progress["timings"]["dap_s"].append(round(time.perf_counter() - self.dap_started, 3))
+            progress.general_mlm_loss.append(mlm_eval_loss(ctx, ctx.model, general))
+        progress.timings["dap_s"].append(round(time.perf_counter() - self.dap_started, 3))
         last = t == len(names) - 1
         mf1s, accs, seconds = [], [], []
         for i in range(t + 1):
@@ -180,12 +181,12 @@ class CdapEvaluator(SupervisedPlugin):
                 seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {names[t]}",
                 epochs=self.tasks[i].epochs)
             mf1s.append(round(mf1, 4)), accs.append(round(acc, 4)), seconds.append(round(s, 3))
-        progress["mf1"].append(mf1s)
-        progress["acc"].append(accs)
-        progress["timings"]["finetune_s"].append(seconds)
+        progress.mf1.append(mf1s)
+        progress.acc.append(accs)
+        progress.timings["finetune_s"].append(seconds)
         log.info("after %s: MF1 %s", names[t], mf1s)
         strategy.model.train()
         if last:
-            progress["timings"]["total_s"] = round(time.perf_counter() - self.started, 3)
-            progress["finished"] = True
-            write_json_atomic(self.run_dir / RESULT, progress)
+            progress.timings["total_s"] = round(time.perf_counter() - self.started, 3)
+            progress.finished = True
+            save(self.run_dir / RESULT, progress)
