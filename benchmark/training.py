@@ -67,6 +67,7 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
         if cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        method.after_step(ctx)
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if acc.trackers:  # live tracking (`run --report-to`): every step's loss

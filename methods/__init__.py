@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import benchmark.compat  # noqa: F401  (torchvision without its operators: see there)
 from benchmark.config import knob, non_negative, positive, read_yaml, validate
 from methods.base import Context, DapPlan, Method, NoArgs
 

@@ -99,6 +99,9 @@ class Method:
     def after_backward(self, ctx: Context) -> None:
         """After `backward()`, before gradient clipping and the optimiser step."""
 
+    def after_step(self, ctx: Context) -> None:
+        """After the optimiser step, before the gradients are cleared."""
+
     def after_domain(self, ctx: Context, t: int) -> None:
         """After DAP-training on domain t, before its checkpoint is written."""
 

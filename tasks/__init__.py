@@ -6,6 +6,7 @@ caps), cache.py (parsed datasets saved as Arrow), build.py (spec -> Suite), fetc
 (`data fetch`), real.py (the real6 / das6 / YAML suites and their profiles).
 """
 
+import benchmark.compat  # noqa: F401  (torchvision without its operators: see there)
 from tasks.registry import (
     PAPER_ORDERS,
     Domain,

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+import benchmark.compat  # noqa: F401  (before any test imports transformers)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
