@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -116,13 +115,11 @@ def command_run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
                                            "ft_epochs", "label", "mixed_precision",
                                            "eval_matrix", "head_warmup_steps")}
-    if args.data_dir:
-        os.environ["CDAP_DATA_DIR"] = args.data_dir
     configs = []
     for preset, source in _expand(args.config):
         suite_name = flags["suite"] or preset.get("suite") or "syn6"
         profile = flags["profile"] or preset.get("profile") or "default"
-        suite = load_suite(suite_name, profile)
+        suite = load_suite(suite_name, profile, data_dir=args.data_dir)
         seeds = args.seeds or ([args.seed] if args.seed is not None else None)
         seeds = seeds or ([preset["seed"]] if "seed" in preset else [DEFAULT_SEEDS[0]])
         for seed in seeds:

@@ -9,9 +9,20 @@ from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from tasks import SuiteError
+
+
+def _require_rows(data: Dataset, what: str) -> None:
+    """An empty corpus or task split stops here, named, instead of training on nothing (an
+    empty DAP stream would cycle forever)."""
+    if len(data) == 0:
+        files = [f["filename"] for f in data.cache_files]
+        raise SuiteError(f"{what} is empty" + (f" ({files[0]})" if files else ""))
+
 
 def tokenize_corpus(corpus: Dataset, tokenizer, max_length: int) -> Dataset:
     """Tokenise a `text` column into `input_ids` (special tokens added, truncated)."""
+    _require_rows(corpus, "the corpus")
 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
@@ -24,6 +35,7 @@ def tokenize_corpus(corpus: Dataset, tokenizer, max_length: int) -> Dataset:
 
 def tokenize_task(split: Dataset, tokenizer, max_length: int) -> Dataset:
     """Tokenise an end-task split (`text`, optional `text_pair`, `label`)."""
+    _require_rows(split, "an end-task split")
 
     def encode(batch):
         pair = batch.get("text_pair")

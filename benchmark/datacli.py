@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from tabulate import tabulate
 
@@ -26,50 +25,42 @@ def add_parser(sub) -> None:
                       "(default $CDAP_DATA_MIRROR)")
     data.add_argument("--split", default="paper", choices=["paper", "standard"],
                       help="also count the paper's resplit (default) or only the files' splits")
+    data.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds a download may wait for the server (default 60)")
 
 
 def command_data(args: argparse.Namespace) -> int:
-    from tasks.fetch import (
-        FetchError,
-        default_data_dir,
-        disk_free_ok,
-        fetch_all,
-        locate,
-        mirror_dir,
-        verify,
-    )
-    from tasks.real import _file_entries, data_root, describe, suite_spec
+    from tasks.build import describe
+    from tasks.fetch import disk_free_ok, fetch_all, fetch_plan
+    from tasks.files import DataDirs, FetchError, locate, verify
+    from tasks.spec import suite_spec
 
-    if args.data_dir:
-        os.environ["CDAP_DATA_DIR"] = args.data_dir
-    if args.mirror:
-        os.environ["CDAP_DATA_MIRROR"] = args.mirror
+    dirs = DataDirs.resolve(args.data_dir, args.mirror)
     spec = suite_spec(args.suite)
-    entries = list(_file_entries(spec).values())
-    root = data_root(spec)
+    entries = list(spec.files.values())
 
     if args.action == "fetch":
-        target = root or default_data_dir()
-        mirror = mirror_dir()
+        target = spec.root or dirs.data_dir
+        entries = fetch_plan(spec, target)
         disk_free_ok(target, entries)
-        done = fetch_all(entries, target, mirror)
+        done = fetch_all(entries, target, dirs.mirror, timeout=args.timeout)
         counts: dict[str, int] = {}
         for _, what in done:
             counts[what] = counts.get(what, 0) + 1
-        print(f"{len(done)} files of {spec['name']} under {target}: "
+        print(f"{len(done)} files of {spec.name} under {target}: "
               + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
         return 0
 
     problems = []
     for entry in entries:
         try:
-            verify(entry, locate(entry, root))
+            verify(entry, locate(entry, spec.root, dirs))
         except FetchError as err:
             problems.append(str(err))
     if problems:
-        raise FetchError(f"{len(problems)} of {len(entries)} files of {spec['name']} are not "
+        raise FetchError(f"{len(problems)} of {len(entries)} files of {spec.name} are not "
                          "usable:\n  " + "\n  ".join(problems))
-    rows = describe(spec, args.split)
-    print(f"{spec['name']}: {len(entries)} files verified (sha256 where the manifest has one)")
+    rows = describe(spec, dirs, args.split)
+    print(f"{spec.name}: {len(entries)} files verified (sha256 where the manifest has one)")
     print(tabulate(rows, headers="keys", tablefmt="github", intfmt=","))
     return 0

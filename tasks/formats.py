@@ -28,24 +28,35 @@ class DataFormatError(SuiteError):
 
 
 def _label_index(labels: list[str], label: Any, where: str) -> int:
-    if label not in labels:
+    """The index of a data label in the label set, compared as strings (a YAML `[0, 1]` matches
+    a JSON `"label": 0`)."""
+    if isinstance(label, (dict, list)) or str(label) not in labels:
         raise DataFormatError(
-            f"{where}: label {label!r} is not in the label set {labels}")
-    return labels.index(label)
+            f"{where}: label {label!r} is not in the label set {list(labels)}")
+    return labels.index(str(label))
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A data file's text. Byte sequences invalid in `encoding` become U+FFFD, with one warning
+    per file naming it and the first bad line: one bad byte neither stops a run nor silently
+    re-decodes the whole file in another encoding. A file that is in another encoding says so
+    (`encoding:` on its `files:` entry)."""
+    data = Path(path).read_bytes()
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        # the Hu & Liu files and a few CSVs are Latin-1; every byte decodes there
-        return Path(path).read_text(encoding="latin-1")
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        text = data.decode(encoding, errors="replace")
+        replaced = text.count("\ufffd") - data.decode(encoding, errors="ignore").count("\ufffd")
+        log.warning("%s:%d: invalid %s (%d byte sequence(s) in the file replaced by U+FFFD; "
+                    "declare the file's `encoding:` if it is not %s)",
+                    path, data[: err.start].count(b"\n") + 1, encoding, replaced, encoding)
+        return text
 
 
-def _read_json(path: Path, kind: type, expected: str):
+def _read_json(path: Path, kind: type, expected: str, encoding: str = "utf-8"):
     """Parse a JSON file whose top level must be `kind`; errors name the file and line."""
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path, encoding))
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if not isinstance(data, kind):
@@ -55,10 +66,10 @@ def _read_json(path: Path, kind: type, expected: str):
 
 # ---------------------------------------------------------------- end tasks
 
-def read_scibert_jsonl(path: Path, labels: list[str]) -> Columns:
+def read_scibert_jsonl(path: Path, labels: list[str], encoding: str = "utf-8") -> Columns:
     """scibert-style JSON Lines: one `{"text", "label", "metadata"}` object per line."""
     out: Columns = {"text": [], "label": []}
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -78,9 +89,9 @@ def read_scibert_jsonl(path: Path, labels: list[str]) -> Columns:
     return out
 
 
-def read_aspect_json(path: Path, labels: list[str]) -> Columns:
+def read_aspect_json(path: Path, labels: list[str], encoding: str = "utf-8") -> Columns:
     """Aspect sentiment JSON `{id: {sentence, term, polarity}}`; input = (aspect, sentence)."""
-    data = _read_json(path, dict, "a JSON object {id: example}")
+    data = _read_json(path, dict, "a JSON object {id: example}", encoding)
     out: Columns = {"text": [], "text_pair": [], "label": []}
     for key, item in data.items():
         where = f"{path}: record {key!r}"
@@ -98,9 +109,9 @@ def read_aspect_json(path: Path, labels: list[str]) -> Columns:
 SEG_POLARITY = {"-1": "negative", "0": "neutral", "1": "positive"}
 
 
-def read_seg(path: Path, labels: list[str]) -> Columns:
+def read_seg(path: Path, labels: list[str], encoding: str = "utf-8") -> Columns:
     """ABSA-PyTorch `.xml.seg`: 3 lines per example (sentence with `$T$`, aspect, -1/0/1)."""
-    lines = _read_text(path).splitlines()
+    lines = read_text(path, encoding).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % 3:
@@ -126,7 +137,7 @@ def read_seg(path: Path, labels: list[str]) -> Columns:
 _HU_LIU_OPINION = re.compile(r"([^\[\],]+?)\s*\[([+-])\d*\]")
 
 
-def read_hu_liu(path: Path, labels: list[str]) -> Columns:
+def read_hu_liu(path: Path, labels: list[str], encoding: str = "utf-8") -> Columns:
     """Raw Hu & Liu / Ding, Liu & Yu product-review annotation, `aspect[+2],x[-1]##sentence`.
 
     One example per (sentence, aspect, polarity), `+`/`-` only, in file order; the input is the
@@ -134,7 +145,7 @@ def read_hu_liu(path: Path, labels: list[str]) -> Columns:
     (`[+1}`) carry no polarity we can trust: they are skipped with a warning naming the line.
     """
     out: Columns = {"text": [], "text_pair": [], "label": []}
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding).splitlines(), start=1):
         if "##" not in line or line.startswith(("*", "[t]")):
             continue
         left, sentence = line.split("##", 1)
@@ -154,7 +165,7 @@ def read_hu_liu(path: Path, labels: list[str]) -> Columns:
     return out
 
 
-TASK_READERS: dict[str, Callable[[Path, list[str]], Columns]] = {
+TASK_READERS: dict[str, Callable[..., Columns]] = {
     "scibert-jsonl": read_scibert_jsonl,
     "aspect-json": read_aspect_json,
     "seg": read_seg,
@@ -162,56 +173,32 @@ TASK_READERS: dict[str, Callable[[Path, list[str]], Columns]] = {
 }
 
 
-def read_task_files(fmt: str, paths: list[Path], labels: list[str]) -> Columns:
-    """Concatenate several files of one format (e.g. camera's three test products)."""
-    if fmt not in TASK_READERS:
-        raise SuiteError(f"unknown task format {fmt!r}; valid: {', '.join(TASK_READERS)}")
+def read_task_files(fmt: str, files: list[tuple[Path, str]], labels: tuple[str, ...]) -> Columns:
+    """Concatenate several (path, encoding) files of one format (e.g. camera's three test
+    products); a file without a single example is an error naming it."""
     out: Columns = {}
-    for path in paths:
-        part = TASK_READERS[fmt](path, labels)
-        for key, values in part.items():
-            out.setdefault(key, []).extend(values)
-    return out
-
-
-def resplit(train: Columns, test: Columns, ratio: float,
-            num_labels: int) -> tuple[Columns, Columns]:
-    """The paper's resplit: move the first `floor(floor(n·(1-ratio)) / L)` train examples of each
-    class (file order, fewer where a class is smaller) to the end of test.
-
-    Dev sets are merged into test by the caller first. This is the companion code's rule; it
-    gives ChemProt 2,667/7,398, ACL-ARC 1,520/421 and SciERC 2,260/2,388.
-    """
-    take = int((len(train["label"]) * (1 - ratio)) // num_labels)
-    moved: set[int] = set()
-    for label in range(num_labels):
-        rows = [i for i, y in enumerate(train["label"]) if y == label][:take]
-        moved.update(rows)
-    order = sorted(moved, key=lambda i: (train["label"][i], i))
-    new_test = {k: list(v) + [train[k][i] for i in order] for k, v in test.items()}
-    new_train = {k: [x for i, x in enumerate(v) if i not in moved] for k, v in train.items()}
-    return new_train, new_test
-
-
-def merge(*parts: Columns) -> Columns:
-    out: Columns = {}
-    for part in parts:
+    for path, encoding in files:
+        part = TASK_READERS[fmt](path, list(labels), encoding)
+        if not part.get("label"):
+            raise DataFormatError(f"{path}: no {fmt} examples in the file (empty?)")
         for key, values in part.items():
             out.setdefault(key, []).extend(values)
     return out
 
 
 # ---------------------------------------------------------------- corpora
+# Each reader takes the path and encoding, then its options as keyword-only arguments: those are
+# the options a suite may give a corpus source of that format (tasks/spec.py reads them here).
 
-def corpus_lines(path: Path, **_: Any) -> list[str]:
+def corpus_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     """Plain text, one document per line (blank lines skipped)."""
-    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, encoding).splitlines() if line.strip()]
 
 
-def corpus_jsonl(path: Path, field: str = "text", **_: Any) -> list[str]:
+def corpus_jsonl(path: Path, encoding: str = "utf-8", *, field: str = "text") -> list[str]:
     """JSON Lines, the document in `field`."""
     docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -225,11 +212,11 @@ def corpus_jsonl(path: Path, field: str = "text", **_: Any) -> list[str]:
     return docs
 
 
-def corpus_csv(path: Path, column: str | int | list = 0, header: bool = True,
-               **_: Any) -> list[str]:
+def corpus_csv(path: Path, encoding: str = "utf-8", *, column: str | int | list = 0,
+               header: bool = True) -> list[str]:
     """CSV rows; `column` is a header name or 0-based index, or a list of them to join."""
     columns = column if isinstance(column, list) else [column]
-    rows = csv.reader(_read_text(path).splitlines())
+    rows = csv.reader(read_text(path, encoding).splitlines())
     names: list[str] = next(rows, []) if header else []
     indices = []
     for col in columns:
@@ -252,9 +239,10 @@ def corpus_csv(path: Path, column: str | int | list = 0, header: bool = True,
     return docs
 
 
-def corpus_review_json(path: Path, field: str = "amazon_reviews", **_: Any) -> list[str]:
+def corpus_review_json(path: Path, encoding: str = "utf-8", *,
+                       field: str = "amazon_reviews") -> list[str]:
     """A JSON list of products, each with a list of review texts in `field`."""
-    data = _read_json(path, list, "a JSON list of products")
+    data = _read_json(path, list, "a JSON list of products", encoding)
     docs = []
     for k, item in enumerate(data):
         if not isinstance(item, dict) or not isinstance(item.get(field, []), list):
@@ -263,8 +251,9 @@ def corpus_review_json(path: Path, field: str = "amazon_reviews", **_: Any) -> l
     return docs
 
 
-def corpus_anthology_xml(path: Path, **_: Any) -> list[str]:
-    """ACL Anthology XML: the text of every `<abstract>` (inline markup flattened)."""
+def corpus_anthology_xml(path: Path, encoding: str = "utf-8") -> list[str]:
+    """ACL Anthology XML: the text of every `<abstract>` (inline markup flattened). The file's
+    XML declaration, not `encoding`, says how it is decoded."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
@@ -277,19 +266,19 @@ def corpus_anthology_xml(path: Path, **_: Any) -> list[str]:
     return docs
 
 
-def corpus_pubtator(path: Path, **_: Any) -> list[str]:
+def corpus_pubtator(path: Path, encoding: str = "utf-8") -> list[str]:
     """PubTator: `PMID|t|title` and `PMID|a|abstract` lines; one document per PMID."""
     docs: dict[str, list[str]] = {}
-    for line in _read_text(path).splitlines():
+    for line in read_text(path, encoding).splitlines():
         parts = line.split("|", 2)
         if len(parts) == 3 and parts[1] in ("t", "a"):
             docs.setdefault(parts[0], []).append(parts[2].strip())
     return [" ".join(p for p in parts if p) for parts in docs.values()]
 
 
-def corpus_pubmedqa(path: Path, **_: Any) -> list[str]:
+def corpus_pubmedqa(path: Path, encoding: str = "utf-8") -> list[str]:
     """PubMedQA `{PMID: {QUESTION, CONTEXTS: [...], LONG_ANSWER}}`: the abstract per PMID."""
-    data = _read_json(path, dict, "a JSON object {PMID: record}")
+    data = _read_json(path, dict, "a JSON object {PMID: record}", encoding)
     docs = []
     for pmid, item in data.items():
         if not isinstance(item, dict) or not isinstance(item.get("CONTEXTS"), list):
@@ -310,13 +299,15 @@ CORPUS_READERS: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def read_corpus_files(fmt: str, paths: list[Path], **options: Any) -> list[str]:
-    if fmt not in CORPUS_READERS:
-        raise SuiteError(
-            f"unknown corpus format {fmt!r}; valid: {', '.join(CORPUS_READERS)}, hf")
+def read_corpus_files(fmt: str, files: list[tuple[Path, str]], **options: Any) -> list[str]:
+    """The documents of several (path, encoding) files of one format; a file without a single
+    document is an error naming it."""
     docs: list[str] = []
-    for path in paths:
-        docs += CORPUS_READERS[fmt](path, **options)
+    for path, encoding in files:
+        part = CORPUS_READERS[fmt](path, encoding, **options)
+        if not part:
+            raise DataFormatError(f"{path}: no {fmt} documents in the file (empty?)")
+        docs += part
     return docs
 
 
@@ -338,4 +329,7 @@ def read_hf_corpus(source: str, split: str = "train", field: str = "text") -> li
         data = data[split]
     if field not in data.column_names:
         raise SuiteError(f"dataset {source!r} has no column {field!r}; has {data.column_names}")
-    return [t for t in data[field] if t and t.strip()]
+    docs = [t for t in data[field] if t and t.strip()]
+    if not docs:
+        raise DataFormatError(f"dataset {source!r}: no documents in column {field!r} (empty?)")
+    return docs

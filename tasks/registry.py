@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -84,15 +85,17 @@ class Suite:
         return names
 
 
-SuiteBuilder = Callable[[str], Suite]
-_SUITES: dict[str, tuple[SuiteBuilder, tuple[str, ...], str]] = {}
+SuiteBuilder = Callable[..., Suite]
+_SUITES: dict[str, tuple[SuiteBuilder, tuple[str, ...], str, bool]] = {}
 
 
-def register_suite(name: str, profiles: tuple[str, ...], description: str):
-    """Register a function `build(profile) -> Suite` under `name`."""
+def register_suite(name: str, profiles: tuple[str, ...], description: str,
+                   reads_files: bool = False):
+    """Register `build(profile) -> Suite` under `name`; with `reads_files`, the builder is
+    `build(profile, dirs: tasks.files.DataDirs)` and reads its data from those directories."""
 
     def wrap(builder: SuiteBuilder) -> SuiteBuilder:
-        _SUITES[name] = (builder, profiles, description)
+        _SUITES[name] = (builder, profiles, description, reads_files)
         return builder
 
     return wrap
@@ -101,24 +104,31 @@ def register_suite(name: str, profiles: tuple[str, ...], description: str):
 def available_suites() -> dict[str, tuple[tuple[str, ...], str]]:
     """Suite name -> (profiles, one-line description)."""
     _import_builtin_suites()
-    return {name: (profiles, desc) for name, (_, profiles, desc) in sorted(_SUITES.items())}
+    return {name: (profiles, desc) for name, (_, profiles, desc, _) in sorted(_SUITES.items())}
 
 
-def load_suite(name: str, profile: str = "default") -> Suite:
-    """Build a registered suite, or a user suite from a YAML path, in the given profile."""
+def load_suite(name: str, profile: str = "default", data_dir: str | Path | None = None,
+               mirror: str | Path | None = None) -> Suite:
+    """Build a registered suite, or a user suite from a YAML path, in the given profile.
+
+    `data_dir` / `mirror`: where real suites' files are read (and parsed data cached); None:
+    `$CDAP_DATA_DIR` / `$CDAP_DATA_MIRROR` or their defaults (tasks/files.py)."""
     _import_builtin_suites()
+    from tasks.files import DataDirs
+
+    dirs = DataDirs.resolve(data_dir, mirror)
     if name.endswith((".yaml", ".yml")):
         from tasks.real import load_suite_file
 
-        return load_suite_file(name, profile)
+        return load_suite_file(name, profile, dirs)
     if name not in _SUITES:
         raise SuiteError(f"unknown suite {name!r}; valid suites: {', '.join(sorted(_SUITES))}")
-    builder, profiles, _ = _SUITES[name]
+    builder, profiles, _, reads_files = _SUITES[name]
     if profile not in profiles:
         raise SuiteError(
             f"unknown profile {profile!r} for suite {name!r}; valid profiles: {', '.join(profiles)}"
         )
-    return builder(profile)
+    return builder(profile, dirs) if reads_files else builder(profile)
 
 
 def _import_builtin_suites() -> None:

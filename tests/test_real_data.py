@@ -11,6 +11,7 @@ import yaml
 
 from benchmark.__main__ import main
 from tasks import SuiteError, load_suite
+from tasks.build import task_splits
 from tasks.fetch import FetchError, fetch_file
 from tasks.formats import (
     DataFormatError,
@@ -20,9 +21,10 @@ from tasks.formats import (
     read_hu_liu,
     read_scibert_jsonl,
     read_seg,
-    resplit,
 )
-from tasks.real import DAS6_DEFAULTS, load_manifest, task_splits
+from tasks.real import DAS6_DEFAULTS
+from tasks.spec import FileEntry, load_manifest
+from tasks.splits import resplit
 
 REPO = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("CDAP_DATA_MIRROR") or REPO.parent / "shared" / "data" / "mirror")
@@ -136,23 +138,25 @@ def test_paper_resplit_sizes_are_exact(monkeypatch, data_env):
 
 # ---------------------------------------------------------------- fetch / check
 
-def _entry(content: bytes, path: str = "github/o/r/file.txt") -> dict:
-    return {"domain": "d", "role": "corpus", "path": path, "url": "https://example.invalid/f",
-            "sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+def _entry(content: bytes, path: str = "github/o/r/file.txt",
+           url: str = "https://example.invalid/f") -> FileEntry:
+    return FileEntry(path, url=url, sha256=hashlib.sha256(content).hexdigest(),
+                     bytes=len(content), domain="d", role="corpus")
 
 
 def test_fetch_verifies_and_places_the_file(tmp_path):
     content = b"one document\nanother\n"
-    path, what = fetch_file(_entry(content), tmp_path, opener=lambda url: io.BytesIO(content))
+    path, what = fetch_file(_entry(content), tmp_path,
+                            opener=lambda url, timeout: io.BytesIO(content))
     assert what == "downloaded" and path.read_bytes() == content
-    _, again = fetch_file(_entry(content), tmp_path, opener=lambda url: 1 / 0)
+    _, again = fetch_file(_entry(content), tmp_path, opener=lambda url, timeout: 1 / 0)
     assert again == "present"
 
 
 def test_checksum_mismatch_is_an_error_and_leaves_nothing(tmp_path):
     entry = _entry(b"the real bytes")
     with pytest.raises(FetchError, match="checksum mismatch for github/o/r/file.txt"):
-        fetch_file(entry, tmp_path, opener=lambda url: io.BytesIO(b"something else"))
+        fetch_file(entry, tmp_path, opener=lambda url, timeout: io.BytesIO(b"something else"))
     assert list(tmp_path.rglob("*.*")) == []
 
 
@@ -165,7 +169,7 @@ def test_interrupted_download_never_sits_under_the_final_name(tmp_path):
 
     entry = _entry(b"0123456789")
     with pytest.raises(FetchError, match="connection lost"):
-        fetch_file(entry, tmp_path, opener=lambda url: Broken(b"0123456789"))
+        fetch_file(entry, tmp_path, opener=lambda url, timeout: Broken(b"0123456789"))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -219,7 +223,7 @@ def test_user_yaml_errors_name_the_file(tmp_path, data_env):
     with pytest.raises(SuiteError, match=rf"{path}: order 0 names unknown domain\(s\) \['spo"):
         load_suite(str(path))
     spec["orders"] = None
-    spec["domains"]["law"]["task"]["labels"] = ["yes"]
+    spec["domains"]["law"]["task"]["labels"] = ["yes", "maybe"]
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(DataFormatError, match=r"law-train.jsonl:2: field 'label': label 'no'"):
         load_suite(str(path))
@@ -264,16 +268,16 @@ def test_tokenised_tasks_are_cached_across_loads(tmp_path, data_env):
 def _companion_archive(root: Path) -> None:
     """Files in the paper's companion-archive layout, a few examples each."""
     spec = load_manifest("das6")
-    for name, dom in spec["domains"].items():
-        for source in dom["corpus"]:
-            for rel in source["files"]:
+    for name, dom in spec.domains.items():
+        for source in dom.corpus:
+            for rel in source.files:
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (root / rel).write_text(f"a {name} document .\nanother {name} document .\n")
-        labels = dom["task"]["labels"]
+        labels = dom.task.labels
         for role in ("train", "dev", "test"):
-            for rel in dom["task"].get(role, []):
+            for rel in getattr(dom.task, role):
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                if dom["task"]["format"] == "scibert-jsonl":
+                if dom.task.format == "scibert-jsonl":
                     rows = [json.dumps({"text": f"{name} {k}", "label": labels[k % len(labels)]})
                             for k in range(2 * len(labels))]
                     (root / rel).write_text("\n".join(rows) + "\n")
@@ -288,8 +292,7 @@ def test_das6_resolves_to_the_papers_settings(tmp_path, monkeypatch, data_env):
 
     archive = tmp_path / "archive" / "data"
     _companion_archive(archive)
-    monkeypatch.setenv("CDAP_DATA_DIR", str(archive))
-    suite = load_suite("das6")
+    suite = load_suite("das6", data_dir=archive)  # an argument, not an environment write
     cfg = build_config(suite.defaults, {}, {"method": "das", "suite": "das6"})
     assert (cfg.dap_steps, cfg.dap_batch_size, cfg.dap_lr, cfg.max_length) == (2580, 248, 1e-4, 164)
     assert (cfg.dap_warmup, cfg.dap_weight_decay, cfg.mlm_probability) == (0.1, 0.0, 0.15)
@@ -301,7 +304,7 @@ def test_das6_resolves_to_the_papers_settings(tmp_path, monkeypatch, data_env):
     assert [d.task.num_labels for d in suite.domains.values()] == [3, 6, 7, 2, 13, 2]
     assert DAS6_DEFAULTS["importance_batches"] == 100
     assert cfg.mixed_precision == "fp16"  # the paper's companion code trains in fp16
-    companion = {f["path"].split("/")[0] for f in load_manifest("das6")["files"]}
+    companion = {path.split("/")[0] for path in load_manifest("das6").files}
     assert companion == {"yelp_restaurant.txt", "acl_anthology.txt", "ai_corpus.txt",
                          "format_pubmed_small.txt", "absa", "chemprot", "citation_intent",
                          "sciie", "SemEval14-res"}
