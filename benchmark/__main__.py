@@ -1,21 +1,28 @@
-"""Command line: `python -m benchmark run | table | list`."""
+"""Command line: `python -m benchmark run | table | plot | report | list | data | bench | sweep`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from benchmark.atomic import DamagedFile
 from benchmark.config import (
-    CHOICES,
+    FLAGS,
     ConfigError,
+    RunConfig,
+    add_flags,
     available_configs,
     build_config,
+    check_writable,
     read_preset,
 )
 from benchmark.datacli import add_parser as add_data_parser
 from benchmark.datacli import command_data
+from benchmark.lock import RunLocked
 
 DEFAULT_SEEDS = [2021, 111, 222, 333, 444]  # the companion code's fine-tuning seeds
 log = logging.getLogger("benchmark")
@@ -41,36 +48,24 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a method over a suite's domain sequence")
-    run.add_argument("--method", help="registered method name (see `list methods`)")
-    run.add_argument("--suite", help="suite name (default syn6)")
-    run.add_argument("--profile", help="suite profile: tiny | default")
-    run.add_argument("--order", type=int, help="domain order index (0..4)")
-    run.add_argument("--seed", type=int, help="one seed (default 2021)")
+    add_flags(run)  # one flag per knob of RunConfig that has one: --method, --dap-steps, ...
     run.add_argument("--seeds", type=_seeds,
                      help="several seeds, comma separated, e.g. 2021,111,222")
     run.add_argument("--config", help="a preset name (see `list configs`) or a YAML path")
     run.add_argument("--out", default="results/runs", help="where result files go")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    run.add_argument("--overwrite", action="store_true", help="discard an earlier run first")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    again.add_argument("--overwrite", action="store_true", help="discard an earlier run first")
     run.add_argument("--keep-checkpoint", action="store_true",
                      help="keep the final DAP-trained model (run_dir/checkpoint) after the run")
     run.add_argument("--cache-dir",
                      help="model cache (default $CDAP_CACHE or ~/.cache/cdap-bench)")
     run.add_argument("--data-dir", help="data files of real suites (default $CDAP_DATA_DIR or "
                      "the user cache dir; das6: the companion archive's data/ folder)")
-    run.add_argument("--dap-steps", type=int, dest="dap_steps", help="DAP steps per domain")
-    run.add_argument("--ft-epochs", type=int, dest="ft_epochs", help="end-task epochs")
-    run.add_argument("--label", help="row name in tables (default: the method name)")
-    run.add_argument("--head-warmup-steps", type=int, dest="head_warmup_steps",
-                     help="train only the base model's MLM head (encoder frozen) this many steps "
-                          "on the first domain's corpus first (for checkpoints without a head)")
-    run.add_argument("--mixed-precision", dest="mixed_precision",
-                     choices=CHOICES["mixed_precision"],
-                     help="autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)")
-    run.add_argument("--eval-matrix", dest="eval_matrix", choices=CHOICES["eval_matrix"],
-                     help="fine-tune every seen task after each domain (full), or only the "
-                          "newest one and all at the end (diagonal: same FR/KT/tables, fewer runs)")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run.add_argument("--report-to", dest="report_to", type=_trackers,
+                     help="live tracking through Accelerate's trackers, comma separated: "
+                          "tensorboard, wandb, mlflow, ... (files under RUN_DIR/tracking)")
 
     table = sub.add_parser("table", help="build the result tables from result JSON files")
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
@@ -78,14 +73,79 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--config", help="a group preset: only its rows, in its order")
     table.add_argument("--timings", action="store_true",
                        help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
+    table.add_argument("--paper-metrics", action="store_true", dest="paper_metrics",
+                       help="the paper's per-task metric: micro-F1 (= Acc) for pubmed/ChemProt, "
+                            "MF1 elsewhere")
+    table.add_argument("--pooled", action="store_true",
+                       help="orders pooled: mean ± std over orders × seeds")
+    table.add_argument("--vs", metavar="ROW",
+                       help="add each row's difference in average MF1 against ROW, 95 %% "
+                            "interval over seeds (needs the report extra)")
+
+    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
+    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
+    plot.add_argument("--config", help="a group preset: only its rows, in its order")
+    plot.add_argument("--out", default="figures", help="where the figures go")
+    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+
+    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
+                            "configs, versions (needs the report extra)")
+    report.add_argument("--runs", default="results/runs",
+                        help="directory searched for result.json")
+    report.add_argument("--config", help="a group preset: only its rows, in its order")
+    report.add_argument("--out", default="report", help="folder of index.html")
+    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
 
     add_data_parser(sub)
-    sub.add_parser("bench", help="seconds per DAP step and peak memory, ncl vs das",
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
 
     listing = sub.add_parser("list", help="list methods, suites or configs")
     listing.add_argument("what", choices=["methods", "suites", "configs"])
     return top
+
+
+def _trackers(text: str) -> list[str]:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LOGGER_TYPE_TO_CLASS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tracker(s) {unknown}; valid: "
+                                         f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
+    return names
+
+
+def _check_trackers(names: list[str] | None) -> None:
+    """Accelerate drops a tracker whose package is missing without a word: say so instead."""
+    if not names:
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in names if t not in available]
+    if missing:
+        hint = "pip install -e '.[report]'" if missing == ["tensorboard"] else \
+            f"pip install {' '.join(missing)}"
+        raise UsageError(f"--report-to {','.join(missing)}: package not installed; {hint}")
+
+
+def _group_rows(preset_name: str | None) -> list[str] | None:
+    """The row labels of a group preset, in its order (None: every row)."""
+    if not preset_name:
+        return None
+    return [p.get("label") or p.get("method") or src for p, src in _expand(preset_name)]
+
+
+def _groups() -> dict[str, list[str]]:
+    """Every shipped group preset and its rows (bar colours in `plot`)."""
+    out = {}
+    for name in available_configs():
+        if "runs" in read_preset(name):
+            out[name] = _group_rows(name)
+    return out
 
 
 def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
@@ -106,37 +166,50 @@ def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
     return out
 
 
-def command_run(args: argparse.Namespace) -> int:
-    from benchmark.loop import run
-    from benchmark.tables import build_tables, load_results, render
-    from methods import available_methods, build_method
+def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:
+    """Every (config, suite) the command asks for, resolved and checked before anything runs:
+    config values, method and its arguments, order, base model folder, writable folders."""
+    from benchmark.basemodel import cached_path, check_base_model
+    from methods import build_method
     from tasks import load_suite
 
-    flags = {k: getattr(args, k) for k in ("method", "suite", "profile", "order", "dap_steps",
-                                           "ft_epochs", "label", "mixed_precision",
-                                           "eval_matrix", "head_warmup_steps")}
+    _check_trackers(args.report_to)
+    flags = {f.name: getattr(args, f.name) for f in FLAGS}
+    suites: dict[tuple[str, str], Any] = {}  # each suite is loaded once per invocation
     configs = []
     for preset, source in _expand(args.config):
-        suite_name = flags["suite"] or preset.get("suite") or "syn6"
-        profile = flags["profile"] or preset.get("profile") or "default"
-        suite = load_suite(suite_name, profile, data_dir=args.data_dir)
+        key = (flags["suite"] or preset.get("suite") or "syn6",
+               flags["profile"] or preset.get("profile") or "default")
+        if key not in suites:
+            suites[key] = load_suite(*key, data_dir=args.data_dir)
+        suite = suites[key]
         seeds = args.seeds or ([args.seed] if args.seed is not None else None)
         seeds = seeds or ([preset["seed"]] if "seed" in preset else [DEFAULT_SEEDS[0]])
         for seed in seeds:
             cfg = build_config(suite.defaults, preset, {**flags, "suite": suite.name, "seed": seed},
                                source)
-            available = available_methods()
-            if cfg.method not in available:
-                raise ConfigError(f"unknown method {cfg.method!r}; valid methods: "
-                                  f"{', '.join(available)}")
             suite.order(cfg.order)
-            build_method(cfg.method, cfg.method_args)  # fails now on a bad method argument
+            build_method(cfg.method, cfg.method_args, source)
+            check_base_model(cfg.base_model or suite.base_model)
             configs.append((cfg, suite))
-    for cfg, suite in configs:
+    check_writable(Path(args.out), "--out")
+    for suite in {id(s): s for _, s in configs}.values():
+        cached = cached_path(suite, args.cache_dir)
+        if cached is not None and not cached.exists():  # θ0 will be pretrained and cached
+            check_writable(cached.parent, "--cache-dir" if args.cache_dir else "model cache")
+    return configs
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from benchmark.loop import run
+    from benchmark.tables import build_tables, load_results, render
+
+    for cfg, suite in plan_runs(args):
         log.info("run %s on %s/%s order %d seed %d", cfg.row, cfg.suite, cfg.profile,
                  cfg.order, cfg.seed)
         run(cfg, suite, Path(args.out), resume=args.resume, overwrite=args.overwrite,
-            cache=args.cache_dir, keep_checkpoint=args.keep_checkpoint)
+            cache=args.cache_dir, keep_checkpoint=args.keep_checkpoint,
+            report_to=args.report_to)
     if not args.no_table:
         print(render(build_tables(load_results(Path(args.out)))))
     return 0
@@ -161,8 +234,65 @@ def command_table(args: argparse.Namespace) -> int:
             rows.append(preset.get("label") or preset.get("method") or source)
     if args.timings:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
+    elif args.paper_metrics or args.pooled:
+        print(render(_table_view(results, rows, args.paper_metrics, args.pooled), args.format,
+                     _table_note(args.paper_metrics, args.pooled)))
     else:
         print(render(build_tables(results, rows), args.format))
+    if args.vs:
+        from benchmark.tables import build_vs_tables, vs_note
+
+        if args.vs not in {r["row"] for r in results}:
+            raise UsageError(f"--vs {args.vs}: no such row under {args.runs}; rows: "
+                             f"{', '.join(sorted({r['row'] for r in results}))}")
+        print(render(build_vs_tables(results, args.vs, rows), args.format, vs_note(args.vs)))
+    return 0
+
+
+def _table_view(results: list[dict], rows: list[str] | None, paper: bool, pooled: bool):
+    from benchmark import tables
+
+    if pooled:
+        if paper:
+            return tables.build_pooled_tables(tables.with_paper_metric(results), rows,
+                                              tables.PAPER_METRICS)
+        return tables.build_pooled_tables(results, rows)
+    return tables.build_paper_tables(results, rows)
+
+
+def _table_note(paper: bool, pooled: bool) -> str:
+    from benchmark import tables
+
+    if pooled:
+        return tables.POOLED_NOTE + (" " + tables.PAPER_METRIC_NOTE if paper else "")
+    return tables.PAPER_NOTE
+
+
+def command_plot(args: argparse.Namespace) -> int:
+    from benchmark.plot import plot_runs
+    from benchmark.tables import load_results
+
+    results = load_results(Path(args.runs))
+    if not results:
+        raise UsageError(f"no finished result.json under {args.runs}")
+    written = plot_runs(results, Path(args.runs), Path(args.out), _group_rows(args.config),
+                        args.format, _groups())
+    print(f"{len(written)} figures under {args.out}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from benchmark.report import build_report
+    from benchmark.tables import load_results
+
+    results = load_results(Path(args.runs))
+    if not results:
+        raise UsageError(f"no finished result.json under {args.runs}")
+    if args.vs and args.vs not in {r["row"] for r in results}:
+        raise UsageError(f"--vs {args.vs}: no such row under {args.runs}")
+    index = build_report(Path(args.runs), Path(args.out), _group_rows(args.config), args.vs,
+                         _groups())
+    print(f"report: {index}")
     return 0
 
 
@@ -195,19 +325,39 @@ def main(argv: list[str] | None = None) -> int:
         from benchmark.bench import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from benchmark.sweep import main as sweep
+
+        return sweep(argv[1:])
     args = parser().parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()
+    from benchmark.report import ExtraMissing
     from methods import MethodError
     from tasks import SuiteError
 
     try:
         return {"run": command_run, "table": command_table, "list": command_list,
-                "data": command_data}[args.command](args)
-    except (ConfigError, MethodError, SuiteError, UsageError) as err:
+                "data": command_data, "plot": command_plot,
+                "report": command_report}[args.command](args)
+    except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing, DamagedFile,
+            RunLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder turned read-only, ...
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                             errno.ENOTDIR, errno.EISDIR):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        again = "; then rerun with --resume to continue" if args.command == "run" else ""
+        print(f"error: {err.strerror or err}{where}{again}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = ("; rerun the same command with --resume to continue from the last finished "
+                 "step" if args.command == "run" else "")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """The base model θ0: a hub/local masked LM, or `syn-base`, pretrained here and cached.
 
 `syn-base` is a small BERT pretrained deterministically on the synthetic suite's general corpus.
-It is cached under the user cache dir (`--cache-dir` or `CDAP_CACHE`), keyed by a hash of its
-spec and vocabulary, written atomically, and reused by every later run.
+It is pretrained on one thread whatever the run's thread count: PyTorch's CPU kernels split
+reductions differently with the number of threads, and 800 steps turn those last-bit
+differences into a different θ0 (general MLM loss 1.71611 at 1 thread against 1.71621 at 2),
+which moves a seed's average MF1 by 2–3 points. It is cached under the user cache dir
+(`--cache-dir` or `CDAP_CACHE`), keyed by a hash of its spec, vocabulary, corpus and `BUILD`,
+written atomically with its fingerprint (`fingerprint`: sha256 of the state dict, recorded in
+every result), checked against that fingerprint when reused, and rebuilt if damaged.
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +31,49 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from benchmark.atomic import atomic_path, read_json, write_json_atomic
+from benchmark.config import ConfigError, cache_root
+
 log = logging.getLogger(__name__)
+# bumped when the way syn-base is built changes, so older cached builds are not reused
+# (2: pretrained on one thread)
+BUILD = 2
+FINGERPRINT = "fingerprint.json"
+cache_dir = cache_root  # the old name
 
 
-def cache_dir(override: str | None = None) -> Path:
-    if override:
-        return Path(override)
-    if os.environ.get("CDAP_CACHE"):
-        return Path(os.environ["CDAP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdap-bench"
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over θ0's state dict (names, dtypes, shapes and bytes), hex."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def single_thread():
+    """Run the block on one intra-op thread, then restore the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~"))
+
+
+def check_base_model(source: Any) -> None:
+    """A base model given as a local folder must exist (checked before anything is written)."""
+    if isinstance(source, str) and looks_like_path(source):
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "has no config.json" if folder.is_dir() else "does not exist"
+            raise ConfigError(f"base model folder {source} {what}")
 
 
 def word_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
@@ -73,36 +112,56 @@ def _fingerprint(spec: dict[str, Any], vocabulary: list[str], texts: list[str]) 
     return digest.hexdigest()[:16]
 
 
+def cached_path(suite, cache: str | None = None) -> Path | None:
+    """Where the suite's syn-base build is cached (None for hub / local models)."""
+    source = suite.base_model
+    if isinstance(source, str):
+        return None
+    key = _fingerprint({**source, "build": BUILD}, suite.vocabulary,
+                       suite.pretrain_corpus["text"])
+    return cache_root(cache) / "models" / f"{source['kind']}-{key}"
+
+
 def load_base_model(suite, override: str = "", cache: str | None = None):
     """(model, tokenizer, seconds spent building it) for the suite's θ0."""
     source = override or suite.base_model
     if isinstance(source, str):
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        # weights the checkpoint lacks (all-MiniLM-L6-v2 has no MLM head) are initialised at
-        # random: fix them, so θ0 is the same in every run and process, and leave the run's RNG
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = AutoModelForMaskedLM.from_pretrained(source)
+        check_base_model(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            # weights the checkpoint lacks (all-MiniLM-L6-v2 has no MLM head) are initialised
+            # at random: fix them, so θ0 is the same in every run and process, and leave the
+            # run's RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForMaskedLM.from_pretrained(source)
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"base model {source!r} cannot be loaded: {first}") from None
         return model, tokenizer, 0.0
-    path = cache_dir(cache) / "models" / (
-        f"{source['kind']}-{_fingerprint(source, suite.vocabulary, suite.pretrain_corpus['text'])}"
-    )
-    if (path / "config.json").exists():
-        log.info("reusing cached base model %s", path)
-        model = BertForMaskedLM.from_pretrained(path)
-        return model, PreTrainedTokenizerFast.from_pretrained(path), 0.0
+    path = cached_path(suite, cache)
+    if (path / FINGERPRINT).exists():
+        try:
+            model = BertForMaskedLM.from_pretrained(path)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+            stored = read_json(path / FINGERPRINT)["sha256"]
+            if fingerprint(model) != stored:
+                raise ValueError("its weights do not match their fingerprint")
+            log.info("reusing cached base model %s", path)
+            return model, tokenizer, 0.0
+        except Exception as err:  # noqa: BLE001 - any damage to the cache means: rebuild it
+            log.warning("cached base model %s is damaged (%s); rebuilding it", path,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            shutil.rmtree(path, ignore_errors=True)
     start = time.perf_counter()
-    model, tokenizer = pretrain_syn_base(suite, source)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("pretrained and cached base model at %s", path)
+    with single_thread():
+        model, tokenizer = pretrain_syn_base(suite, source)
+    sha = fingerprint(model)
+    with atomic_path(path, keep_existing=True) as tmp:  # another process may finish first
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / FINGERPRINT, {"sha256": sha, "build": BUILD})
+    log.info("pretrained and cached base model at %s (fingerprint %s)", path, sha[:12])
     return model, tokenizer, time.perf_counter() - start
 
 

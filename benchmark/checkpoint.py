@@ -1,54 +1,35 @@
-"""Atomic files and domain checkpoints: a killed run never leaves half a result behind."""
+"""Domain checkpoints: the model, the method's state and the run record, committed as one.
+
+The record (`RunRecord`, what `progress.json` holds) is saved inside the checkpoint, so a kill
+between the checkpoint and the next `progress.json` write leaves a state `--resume` reconciles:
+it takes whichever of the two is at the checkpoint's domain (`resume_state`).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from benchmark.atomic import DamagedFile, atomic_path, read_json, write_json_atomic
+from benchmark.record import RunRecord
 
 CHECKPOINT = "checkpoint"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(run_dir: Path, model: nn.Module, method, meta: dict[str, Any]) -> Path:
-    """Replace `run_dir/checkpoint` with the model, the method's state and `meta`, atomically.
-
-    Built in a temporary directory and swapped in by renames; `load_checkpoint` also accepts
-    the previous checkpoint left as `checkpoint.old` if a kill fell between the two renames.
-    """
+    """Replace `run_dir/checkpoint` with the model, the method's state and `meta`, atomically
+    (built aside and swapped in; `find_checkpoint` also takes `checkpoint.old`, left if a kill
+    falls between the two renames)."""
     final = run_dir / CHECKPOINT
-    tmp = run_dir / f"{CHECKPOINT}.tmp"
-    old = run_dir / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    method.save_state(tmp)
-    write_json_atomic(tmp / "meta.json", meta)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        method.save_state(tmp)
+        write_json_atomic(tmp / "meta.json", meta)
     return final
 
 
@@ -61,7 +42,28 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, method) -> dict[str, Any]:
-    """Load model weights and method state in place; return the checkpoint's meta."""
-    load_model(model, str(path / "model.safetensors"))
-    method.load_state(path)
-    return json.loads((path / "meta.json").read_text())
+    """Load model weights and method state in place; return the checkpoint's meta.
+
+    A truncated or otherwise unreadable file raises `DamagedFile` naming it."""
+    meta = read_json(path / "meta.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("domain"), int):
+        raise DamagedFile(f"{path / 'meta.json'} is damaged (no domain index)")
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        method.load_state(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedFile(f"{path} is damaged ({first})") from None
+    return meta
+
+
+def resume_state(meta: dict[str, Any], progress: RunRecord | None) -> RunRecord:
+    """The record to continue from a checkpoint of domain `meta['domain']`: `progress.json`'s
+    when it is at that domain (it may hold fine-tunings made since), else the copy saved in the
+    checkpoint (a kill fell between the checkpoint and the progress write)."""
+    done = meta["domain"] + 1
+    if progress is not None and progress.domains_done == done:
+        return progress
+    if "record" not in meta:  # a checkpoint written before records were saved in it
+        raise DamagedFile(f"progress.json does not match the checkpoint of domain {done - 1}")
+    return RunRecord.from_dict(meta["record"], "checkpoint/meta.json")

@@ -1,14 +1,30 @@
-"""The run config: defaults < suite profile < `--config` preset < command-line flags.
+"""The run plan: defaults < suite profile < `--config` preset < command-line flags.
 
-One frozen dataclass, saved in every result file so each number traces back to its config.
+Each knob is declared once, as a field of the frozen dataclass `RunConfig`: its type (a
+`Literal` for a fixed set of choices), its default, its help text (the `--flag` of `run` is
+generated from it) and, where a type is not enough, a check. `validate` applies the same
+declaration-driven checks to any dataclass, so a method's `Args` are checked exactly like the
+run config (see `methods.build_method`). The resolved config is saved in every result file.
+
+Why plain dataclasses and a 40-line checker rather than a library: `HfArgumentParser` builds
+flags from dataclasses but puts every default into the parsed namespace (a flag left out would
+override the suite profile and the preset, breaking the layering) and checks no values;
+pydantic would validate, but turns `RunConfig` and the methods' `Args` (which other code reads
+through `dataclasses.fields`/`asdict`) into pydantic types and reports errors over several lines,
+where a bad value here must be one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -19,41 +35,72 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the file, key or value and what is valid."""
 
 
+# -- checks (return a complaint, or None when the value is fine) -----------------------------
+def positive(value: float) -> str | None:
+    if value > 0:
+        return None
+    return "must be a positive integer" if isinstance(value, int) else "must be positive"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be a fraction in [0, 1]"
+
+
+def probability(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be a probability strictly between 0 and 1"
+
+
+def knob(default: Any, help: str = "", check: Callable[[Any], str | None] | None = None,
+         flag: bool = False) -> Any:
+    """A config field: its default, help text, optional check, and whether `run` gets a flag."""
+    meta = {"help": help, "check": check, "flag": flag}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "ncl"
-    label: str = ""  # the row name in tables; the method name when empty
-    suite: str = "syn6"
-    profile: str = "default"
-    order: int = 0
-    seed: int = 2021
-    base_model: str = ""  # a hub id or local path overriding the suite's base model
+    method: str = knob("ncl", "registered method name (see `list methods`)", flag=True)
+    label: str = knob("", "row name in tables (default: the method name)", flag=True)
+    suite: str = knob("syn6", "suite name or a suite YAML file", flag=True)
+    profile: str = knob("default", "suite profile: tiny | default | ...", flag=True)
+    order: int = knob(0, "domain order index (0..4)", non_negative, flag=True)
+    seed: int = knob(2021, "one seed", non_negative, flag=True)
+    base_model: str = knob("", "a hub id or local folder overriding the suite's base model",
+                           flag=True)
     # DAP-training
-    dap_steps: int = 150
-    dap_batch_size: int = 64
-    dap_lr: float = 1e-3
-    dap_warmup: float = 0.1
-    dap_weight_decay: float = 0.0
-    mlm_probability: float = 0.15
-    max_length: int = 128
-    max_grad_norm: float = 1.0
-    importance_batches: int = 8  # batches for importance / Fisher statistics
-    # train only θ0's MLM head (encoder frozen) this many steps on the first domain's corpus
-    # before the sequence: for checkpoints shipped without a head (all-MiniLM-L6-v2)
-    head_warmup_steps: int = 0
-    head_warmup_lr: float = 1e-3
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16": Accelerate autocast (+ loss scaling)
+    dap_steps: int = knob(150, "DAP steps per domain", positive, flag=True)
+    dap_batch_size: int = knob(64, "DAP batch size (global)", positive, flag=True)
+    dap_lr: float = knob(1e-3, "DAP learning rate", positive, flag=True)
+    dap_warmup: float = knob(0.1, "share of DAP steps with a linear warm-up", fraction)
+    dap_weight_decay: float = knob(0.0, "DAP weight decay", non_negative)
+    mlm_probability: float = knob(0.15, "share of tokens masked", probability)
+    max_length: int = knob(128, "tokens per sequence", positive)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0: no clipping)", non_negative)
+    importance_batches: int = knob(8, "batches for importance / Fisher statistics", positive)
+    head_warmup_steps: int = knob(
+        0, "train only the base model's MLM head (encoder frozen) this many steps on the first "
+        "domain's corpus first (for checkpoints shipped without a head)", non_negative, flag=True)
+    head_warmup_lr: float = knob(1e-3, "learning rate of the MLM head warm-up", positive)
+    mixed_precision: Literal["no", "fp16", "bf16"] = knob(
+        "no", "autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)",
+        flag=True)
     # end-task fine-tuning
-    ft_epochs: int = 15
-    ft_lr: float = 5e-4
-    ft_batch_size: int = 16
-    ft_weight_decay: float = 0.01
-    # "full": after domain t fine-tune every seen task (the whole lower triangle of A);
-    # "diagonal": only task t, and every task after the last domain. FR, KT and the tables read
-    # only A[i][i] and A[T][i], so both give the same numbers; "diagonal" runs T + T-1
-    # fine-tunings instead of T(T+1)/2 (11 instead of 21 for six domains)
-    eval_matrix: str = "full"
-    method_args: dict[str, Any] = field(default_factory=dict)
+    ft_epochs: int = knob(15, "end-task epochs", positive, flag=True)
+    ft_lr: float = knob(5e-4, "end-task learning rate", positive, flag=True)
+    ft_batch_size: int = knob(16, "end-task batch size", positive)
+    ft_weight_decay: float = knob(0.01, "end-task weight decay", non_negative)
+    # "diagonal" runs T + T-1 fine-tunings instead of T(T+1)/2; FR, KT and the tables read only
+    # A[i][i] and A[T][i], which both schedules fill alike
+    eval_matrix: Literal["full", "diagonal"] = knob(
+        "full", "fine-tune every seen task after each domain (full), or only the newest one and "
+        "all at the end (diagonal: same FR/KT/tables, fewer runs)", flag=True)
+    method_args: dict[str, Any] = knob({}, "the method's own arguments (see its Args)")
 
     @property
     def row(self) -> str:
@@ -63,13 +110,176 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# -- the checker ------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    import sys
+
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
+        return "a list, each " + _describe(typing.get_args(hint)[0])
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    return names.get(hint) or str(hint).replace("typing.", "")
+
+
+def convert(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or `TypeError`. Strings are parsed (they come from the command
+    line); a bool is never a number; floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is not type(None):
+                try:
+                    return convert(value, option)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise TypeError
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [convert(v, args[0]) for v in value] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if isinstance(value, bool):
+        raise TypeError
+    try:
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if hint is float:
+            number = float(value)
+            if not math.isfinite(number):
+                raise TypeError
+            return number
+        if hint is str:
+            if isinstance(value, (str, int, float)):
+                return str(value)
+            raise TypeError
+    except ValueError:
+        raise TypeError from None
+    return value
+
+
+def validate(cls: type, values: dict[str, Any], source: str, what: str = "") -> Any:
+    """An instance of the dataclass `cls` from `values`, each converted to its declared type and
+    checked; a bad key or value raises `ConfigError` naming `source` and the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    prefix = f"{source}: {what}" if what else f"{source}: "
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = ", ".join(fields) or "(none)"
+        raise ConfigError(f"{prefix}unknown key(s) {unknown}; valid: {valid}")
+    clean = {}
+    for name, value in values.items():
+        try:
+            value = convert(value, hints[name])
+        except TypeError:
+            raise ConfigError(
+                f"{prefix}{name} must be {_describe(hints[name])}, got {value!r}") from None
+        check = fields[name].metadata.get("check")
+        complaint = check(value) if check and value is not None else None
+        if complaint:
+            raise ConfigError(f"{prefix}{name} {complaint}, got {value!r}")
+        clean[name] = value
+    try:
+        return cls(**clean)
+    except (TypeError, ValueError) as err:  # a __post_init__ check across fields
+        raise ConfigError(f"{prefix}{err}") from None
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_POSITIVE = {"dap_steps", "dap_batch_size", "max_length", "ft_epochs", "ft_batch_size",
-             "importance_batches"}
-_NON_NEGATIVE = {"dap_lr", "ft_lr", "dap_weight_decay", "ft_weight_decay", "max_grad_norm",
-                 "dap_warmup", "mlm_probability", "seed", "order", "head_warmup_steps",
-                 "head_warmup_lr"}
-CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "eval_matrix": ("full", "diagonal")}
+CHOICES = {name: typing.get_args(hint) for name, hint in _hints(RunConfig).items()
+           if typing.get_origin(hint) is Literal}
+FLAGS = [f for f in dataclasses.fields(RunConfig) if f.metadata.get("flag")]
+
+
+def add_flags(parser: Any) -> None:
+    """One `--flag` per flagged knob; left out it is None, so lower layers keep their value."""
+    hints = _hints(RunConfig)
+    for f in FLAGS:
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
+        elif hint in (int, float):
+            kwargs["type"] = hint
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+# -- where things are kept -------------------------------------------------------------------
+def cache_root(override: str | None = None) -> Path:
+    """The user cache (cached base models, and `data/` for real suites): `--cache-dir`, else
+    `$CDAP_CACHE`, else `$XDG_CACHE_HOME/cdap-bench` (default `~/.cache/cdap-bench`)."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("CDAP_CACHE"):
+        return Path(os.environ["CDAP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdap-bench"
+
+
+def data_root(override: str | None = None) -> Path:
+    """Data files of real suites: `--data-dir`, else `$CDAP_DATA_DIR`, else `cache_root()/data`."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("CDAP_DATA_DIR"):
+        return Path(os.environ["CDAP_DATA_DIR"]).expanduser()
+    return cache_root() / "data"
+
+
+def check_writable(path: Path, what: str) -> None:
+    """`path` is a folder we can write into, or can be created: else one line naming it.
+
+    Checked before a run starts (nothing is created here): the nearest existing ancestor must be
+    a writable folder. `os.access` also sees a read-only file system for root."""
+    path = Path(path).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {probe} is not writable")
+
+
+# -- presets ----------------------------------------------------------------------------------
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; undecodable bytes or bad YAML name the file and line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not valid UTF-8 (byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "somewhere"
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{path}: malformed YAML at {where}: {problem}") from None
 
 
 def available_configs() -> dict[str, str]:
@@ -97,13 +307,7 @@ def resolve_preset_path(name_or_path: str) -> Path:
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """A preset's mapping; a group preset (`runs: [...]`) is returned as is."""
     path = resolve_preset_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "somewhere"
-        problem = getattr(err, "problem", err)
-        raise ConfigError(f"{path}: malformed YAML at {where}: {problem}") from None
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -117,34 +321,6 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    f = _FIELDS[name]
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(
-        str(f.type), None)
-    if name == "method_args":
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: method_args must be a mapping")
-        return dict(value)
-    try:
-        if kind is int and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            value = int(value)
-        elif kind is float:
-            value = float(value)
-        elif kind is str:
-            value = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}") from None
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ConfigError(f"{source}: {name} must be one of {CHOICES[name]}, got {value!r}")
-    if name in _POSITIVE and value <= 0:
-        raise ConfigError(f"{source}: {name} must be a positive integer, got {value}")
-    if name in _NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{source}: {name} must not be negative, got {value}")
-    return value
-
-
 def build_config(
     suite_defaults: dict[str, Any],
     preset: dict[str, Any] | None = None,
@@ -156,16 +332,13 @@ def build_config(
     layers = [(suite_defaults, "suite profile"), (preset or {}, preset_source),
               (flags or {}, "command line")]
     for layer, source in layers:
-        for key, value in layer.items():
-            if value is None:
-                continue
+        given = {k: v for k, v in layer.items() if v is not None}
+        for key in given:
             if key not in _FIELDS:
                 raise ConfigError(
                     f"{source}: unknown config key {key!r}; valid: {', '.join(_FIELDS)}")
-            if key == "method_args":
-                merged = dict(values.get("method_args", {}))
-                merged.update(_coerce(key, value, source))
-                values[key] = merged
-            else:
-                values[key] = _coerce(key, value, source)
+        checked = validate(RunConfig, given, source)  # each layer is checked on its own
+        for key in given:
+            value = getattr(checked, key)
+            values[key] = {**values.get(key, {}), **value} if key == "method_args" else value
     return RunConfig(**values)

@@ -1,8 +1,11 @@
-"""What the loop hands every method hook: config, model, data of the run, and the accelerator."""
+"""What the loop hands every method hook: config, model, data of the run, the accelerator, and
+the services methods share (MLM evaluation, per-phase seeds). Implements `methods.base.Context`.
+"""
 
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +16,12 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from benchmark.checkpoint import write_json_atomic
+from benchmark.atomic import atomic_path, write_json_atomic
 from benchmark.config import RunConfig
 from benchmark.data import endless, mlm_loader, tokenize_corpus
+
+# the loop's phases and their seed streams (the numbers every committed result was made with)
+PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
 
 
 @dataclass
@@ -52,9 +58,8 @@ class Context:
             return
         path = self.artifacts_dir / name
         if path.suffix == ".safetensors":
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp))
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp))
         elif path.suffix == ".json":
             write_json_atomic(path, content)
         else:
@@ -88,3 +93,18 @@ class Context:
         device = self.accelerator.device
         for batch in endless(loader):
             yield {k: v.to(device) for k, v in batch.items()}
+
+    def mlm_eval_loss(self, model: nn.Module, data: Dataset, seed: int = 0) -> float:
+        """Mean MLM loss of `model` over `data` with fixed masks (no gradient)."""
+        from benchmark.training import mlm_eval_loss
+
+        return mlm_eval_loss(self, model, data, seed)
+
+    def seed_for(self, phase: str, t: int, i: int | None = None) -> int:
+        """A seed for `phase` of domain t (task i), independent of everything run before it, so
+        a resumed run draws the same numbers. The loop's phases keep their historic streams; any
+        other name gets its own stream from its CRC32."""
+        from benchmark.training import domain_seed
+
+        stream = PHASES.get(phase, 16 + zlib.crc32(phase.encode()) % 1_000_000)
+        return domain_seed(self.config.seed, stream, t, *(() if i is None else (i,)))

@@ -1,4 +1,10 @@
-"""The continual loop: DAP-train domain after domain, fine-tune every seen task, fill A[t][i]."""
+"""The continual loop: DAP-train domain after domain, fine-tune every seen task, fill A[t][i].
+
+One writer per run directory (`benchmark.lock`); every file is written atomically; after each
+domain the model, the method's state and the record are checkpointed as one, and the record is
+saved after every fine-tuning, so `--resume` continues a run killed anywhere and ends with the
+same numbers. Everything `--resume` needs is read and checked before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import time
+from contextlib import nullcontext
+from hashlib import sha1
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,24 +27,22 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from benchmark.basemodel import load_base_model
+from benchmark.atomic import DamagedFile, read_json
+from benchmark.basemodel import fingerprint, load_base_model
 from benchmark.checkpoint import (
+    CHECKPOINT,
     find_checkpoint,
     load_checkpoint,
+    resume_state,
     save_checkpoint,
-    write_json_atomic,
 )
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
-from benchmark.training import (
-    dap_train,
-    domain_seed,
-    finetune_and_test,
-    mlm_eval_loss,
-    warm_up_mlm_head,
-)
-from methods import build_method
+from benchmark.lock import LOCK_NAME, run_lock
+from benchmark.record import RunRecord, load, save
+from benchmark.training import dap_train, finetune_and_test, warm_up_mlm_head
+from methods import Method, build_method
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -43,8 +50,13 @@ PROGRESS = "progress.json"
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
 
 
-def run_dir_for(out: Path, cfg: RunConfig) -> Path:
+def run_dir_for(out: Path, cfg: RunConfig, legacy: bool = False) -> Path:
+    """`OUT/SUITE-PROFILE/ROW/orderK/seedS`; a row that is not a safe folder name gets a hash of
+    itself appended, so two labels that sanitise alike ("das (fast)", "das [fast]") never share
+    (`legacy`: the name without it, as runs made before result schema 2 have it)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.row)
+    if safe != cfg.row and not legacy:
+        safe += "-" + sha1(cfg.row.encode()).hexdigest()[:8]
     return Path(out) / f"{cfg.suite}-{cfg.profile}" / safe / f"order{cfg.order}" / f"seed{cfg.seed}"
 
 
@@ -63,53 +75,115 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads()}
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """Refuse to clobber an earlier run unless asked; `--overwrite` removes it first.
-
-    Every process checks; only the main one (`main`) removes or creates anything."""
-    exists = (run_dir / RESULT).exists() or (run_dir / PROGRESS).exists()
-    if exists and not (resume or overwrite):
-        raise ConfigError(
-            f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to "
-            "start it again")
-    if main:
-        if exists and overwrite:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def _crash_point(stage: str, t: int) -> None:
-    """Test hook: CDAP_CRASH_AT=stage:t kills the process there, like a `kill -9`."""
+    """Test hook: CDAP_CRASH_AT=stage:t kills the process there like a `kill -9` (or, with
+    CDAP_CRASH_SIGNAL=INT, interrupts it like Ctrl-C)."""
     if os.environ.get("CDAP_CRASH_AT") == f"{stage}:{t}":
+        if os.environ.get("CDAP_CRASH_SIGNAL") == "INT":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt is raised here
         os._exit(137)
 
 
+def check_same_config(cfg: RunConfig, record: RunRecord, where: Path) -> None:
+    """Refuse to continue or report a stored run made with another config, naming the keys."""
+    stored, asked = record.config, cfg.to_dict()
+    default = RunConfig().to_dict()
+    differ = [k for k in asked if stored.get(k, default[k]) != asked[k]]
+    if differ:
+        pairs = ", ".join(f"{k}={stored.get(k, default[k])!r} (asked {asked[k]!r})"
+                          for k in differ)
+        raise ConfigError(f"{where} holds a run made with another config: {pairs}; repeat its "
+                          "settings to resume it, or pass --overwrite to start it again")
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool,
+                    main: bool = True) -> tuple[Path, dict, RunRecord] | None:
+    """Check the run directory against the request and return the state to resume from, if
+    any: (checkpoint, its meta, the record). Every process checks; only `main` writes."""
+    held = [n for n in (RESULT, PROGRESS, CHECKPOINT, f"{CHECKPOINT}.old")
+            if (run_dir / n).exists()]
+    if held and not (resume or overwrite):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          "--overwrite to start it again")
+    stored = None
+    if resume and held:
+        progress = load(run_dir / PROGRESS) if (run_dir / PROGRESS).exists() else None
+        checkpoint = find_checkpoint(run_dir)
+        if checkpoint is not None:
+            meta = read_json(checkpoint / "meta.json")
+            if not isinstance(meta, dict) or not isinstance(meta.get("domain"), int):
+                raise DamagedFile(f"{checkpoint / 'meta.json'} is damaged (no domain index)")
+            stored = (checkpoint, meta, resume_state(meta, progress))
+            check_same_config(cfg, stored[2], run_dir)
+        elif progress is not None:
+            check_same_config(cfg, progress, run_dir)
+    if main and overwrite:
+        for path in run_dir.iterdir() if run_dir.exists() else ():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return stored
+
+
 def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
-        cache: str | None = None, keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Run one (suite, method, order, seed); return the result written to `result.json`.
+        cache: str | None = None, keep_checkpoint: bool = False,
+        report_to: list[str] | None = None) -> dict[str, Any]:
+    """Run one (suite, method, order, seed); return the record written to `result.json`.
 
     The last domain checkpoint is removed once the result is written, unless `keep_checkpoint`.
+    `report_to` names Accelerate trackers for live tracking (files under run_dir/tracking).
     """
     run_dir = run_dir_for(out, cfg)
-    if resume and (run_dir / RESULT).exists():
-        log.info("%s is complete; nothing to resume", run_dir)
-        return json.loads((run_dir / RESULT).read_text())
-    names = suite.order(cfg.order)
-    method = build_method(cfg.method, cfg.method_args)
     # under `accelerate launch` / `torchrun` every process runs this; only the main one writes
+    tracking = {"log_with": report_to, "project_dir": str(run_dir / "tracking")} if report_to \
+        else {}
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=True)])
+        DistributedDataParallelKwargs(find_unused_parameters=True)], **tracking)
     main = accelerator.is_main_process
-    prepare_run_dir(run_dir, resume, overwrite, main)
-    accelerator.wait_for_everyone()
+    with run_lock(run_dir) if main else nullcontext():
+        if resume and (run_dir / RESULT).exists():
+            done = load(run_dir / RESULT)
+            check_same_config(cfg, done, run_dir)
+            log.info("%s is complete; nothing to resume", run_dir)
+            if main:  # a kill may have come just after the result was written
+                tidy(run_dir, keep_checkpoint)
+            return done.to_dict()
+        stored = prepare_run_dir(run_dir, cfg, resume, overwrite, main)
+        accelerator.wait_for_everyone()
+        if report_to:  # live tracking: the resolved config first
+            start_tracking(accelerator, cfg, suite.order(cfg.order))
+        record = run_sequence(cfg, suite, run_dir, accelerator, stored, cache)
+        accelerator.wait_for_everyone()
+        if main:
+            save(run_dir / RESULT, record)
+            _crash_point("finish", len(record.domains) - 1)
+            tidy(run_dir, keep_checkpoint)
+    if report_to:
+        accelerator.end_training()
+    return record.to_dict()
 
+
+def tidy(run_dir: Path, keep_checkpoint: bool) -> None:
+    """Once the result is written: drop the progress file and, unless kept, the checkpoint."""
+    (run_dir / PROGRESS).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+
+
+def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
+                 stored: tuple[Path, dict, RunRecord] | None, cache: str | None) -> RunRecord:
+    """θ0, then for every domain: DAP-train and checkpoint it, fine-tune the row's tasks."""
     started = time.perf_counter()
+    names, main = suite.order(cfg.order), accelerator.is_main_process
+    method = build_method(cfg.method, cfg.method_args)
     with accelerator.main_process_first():
         model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
+    record = new_record(cfg, suite, names, method, base_seconds, fingerprint(model))
     model.to(accelerator.device)
-    head_warmup = []
     if cfg.head_warmup_steps:
-        head_warmup = warm_up_mlm_head(
+        record.head_warmup_loss = warm_up_mlm_head(
             model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
             cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability)
     ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
@@ -119,93 +193,124 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     splits = [(tokenize_task(task.train, tokenizer, cfg.max_length),
                tokenize_task(task.test, tokenizer, cfg.max_length)) for task in tasks]
     general = ctx.general_corpus()
-
-    progress = _fresh_progress(cfg, suite, names, method, base_seconds)
-    progress["head_warmup_loss"] = head_warmup
     if general is not None:
-        progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
-    done_dap = -1
-    checkpoint = find_checkpoint(run_dir) if resume else None
-    if checkpoint is not None and (run_dir / PROGRESS).exists():
-        meta = load_checkpoint(checkpoint, ctx.model, method)
-        progress = json.loads((run_dir / PROGRESS).read_text())
-        done_dap = meta["domain"]
-        progress["resumed_at"].append(done_dap + 1)
-        log.info("resuming %s after domain %d (%s)", run_dir, done_dap, names[done_dap])
+        record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
+    if stored is not None:
+        record = resume_from(stored, ctx, method, record)
 
     for t, name in enumerate(names):
         ctx.t = t
-        if t > done_dap:
-            dap_start = time.perf_counter()
-            # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
-            set_seed(domain_seed(cfg.seed, 0, t))
-            method.before_domain(ctx, t)
-            plan = method.dap_plan(ctx, t)
-            losses = dap_train(ctx, method, plan, t) if plan is not None else []
-            _crash_point("dap", t)
-            set_seed(domain_seed(cfg.seed, 3, t))
-            method.after_domain(ctx, t)
-            progress["dap_loss"].append(losses)
-            progress["dap_steps"].append(plan.steps if plan is not None else 0)
-            if general is not None:
-                progress["general_mlm_loss"].append(mlm_eval_loss(ctx, ctx.model, general))
-            progress["timings"]["dap_s"].append(round(time.perf_counter() - dap_start, 3))
-            progress["mf1"].append([])
-            progress["acc"].append([])
-            progress["timings"]["finetune_s"].append([])
+        if t >= record.domains_done:
+            train_domain(ctx, method, record, general, t)
             if main:
-                save_checkpoint(run_dir, ctx.model, method, {"domain": t, "name": name})
-                write_json_atomic(run_dir / PROGRESS, progress)
-        last_domain = t == len(names) - 1
-        for i in range(len(progress["mf1"][t]), t + 1):
-            if i < t and not last_domain and cfg.eval_matrix == "diagonal":
-                mf1, acc, seconds = None, None, 0.0
-            elif method.past_tasks_unchanged and i < t:
-                mf1, acc, seconds = progress["mf1"][i][i], progress["acc"][i][i], 0.0
-            else:
-                train, test = splits[i]
-                mf1, acc, seconds = finetune_and_test(
-                    ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
-                    seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {name}",
-                    epochs=tasks[i].epochs)
-            progress["mf1"][t].append(None if mf1 is None else round(mf1, 4))
-            progress["acc"][t].append(None if acc is None else round(acc, 4))
-            progress["timings"]["finetune_s"][t].append(round(seconds, 3))
+                save_checkpoint(run_dir, ctx.model, method,
+                                {"domain": t, "name": name, "record": record.to_dict()})
+            _crash_point("checkpoint", t)
             if main:
-                write_json_atomic(run_dir / PROGRESS, progress)
+                save(run_dir / PROGRESS, record)
+        for i in range(len(record.mf1[t]), t + 1):
+            fine_tune_cell(ctx, method, record, splits, tasks, t, i)
+            if main:
+                save(run_dir / PROGRESS, record)
             _crash_point("finetune", t)
-        log.info("after %s: MF1 %s", name, progress["mf1"][t])
-
-    progress["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    progress["finished"] = True
-    accelerator.wait_for_everyone()
-    if main:
-        write_json_atomic(run_dir / RESULT, progress)
-        (run_dir / PROGRESS).unlink(missing_ok=True)
-        if not keep_checkpoint:
-            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-    return progress
+        log.info("after %s: MF1 %s", name, record.mf1[t])
+        if accelerator.trackers:  # live tracking: the A matrices so far, the general MLM loss
+            track_domain(accelerator, record, names, t)
+    record.timings["total_s"] = round(time.perf_counter() - started, 3)
+    record.finished = True
+    return record
 
 
-def _fresh_progress(cfg: RunConfig, suite, names: list[str], method, base_s: float) -> dict:
-    return {
-        "suite": cfg.suite,
-        "profile": cfg.profile,
-        "synthetic": bool(suite.synthetic),
-        "method": cfg.method,
-        "row": cfg.row,
-        "order": cfg.order,
-        "seed": cfg.seed,
-        "domains": names,
-        "needs_domain_id": bool(method.needs_domain_id),
-        "config": cfg.to_dict(),
-        **environment(),
-        "mf1": [],
-        "acc": [],
-        "dap_loss": [],
-        "dap_steps": [],
-        "general_mlm_loss": [],
-        "timings": {"base_model_s": round(base_s, 3), "dap_s": [], "finetune_s": []},
-        "resumed_at": [],
-        "finished": False,
-    }
+def resume_from(stored: tuple[Path, dict, RunRecord], ctx: Context, method: Method,
+                fresh: RunRecord) -> RunRecord:
+    """Load the checkpoint into the model and method; the stored record, checked against θ0."""
+    path, meta, record = stored
+    if record.base_fingerprint and record.base_fingerprint != fresh.base_fingerprint:
+        raise ConfigError(
+            f"{ctx.run_dir} was started from another base model θ0 (fingerprint "
+            f"{record.base_fingerprint[:12]}, now {fresh.base_fingerprint[:12]}); its numbers "
+            "would mix two models: pass --overwrite to start it again")
+    load_checkpoint(path, ctx.model, method)
+    record.resumed_at.append(meta["domain"] + 1)
+    log.info("resuming %s after domain %d (%s)", ctx.run_dir, meta["domain"], meta.get("name"))
+    return record
+
+
+def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: int) -> None:
+    """DAP-train domain t with the method's hooks and append its losses, steps and times."""
+    start = time.perf_counter()
+    # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
+    set_seed(ctx.seed_for("before_domain", t))
+    method.before_domain(ctx, t)
+    plan = method.dap_plan(ctx, t)
+    losses = dap_train(ctx, method, plan, t) if plan is not None else []
+    _crash_point("dap", t)
+    set_seed(ctx.seed_for("after_domain", t))
+    method.after_domain(ctx, t)
+    record.dap_loss.append(losses)
+    record.dap_steps.append(plan.steps if plan is not None else 0)
+    if general is not None:
+        record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
+    record.timings["dap_s"].append(round(time.perf_counter() - start, 3))
+    record.mf1.append([])
+    record.acc.append([])
+    record.timings["finetune_s"].append([])
+
+
+def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, tasks, t: int,
+                   i: int) -> None:
+    """Fill A[t][i]: fine-tune task i from the model after domain t (or skip / copy it)."""
+    if i < t and t < len(tasks) - 1 and ctx.config.eval_matrix == "diagonal":
+        mf1, acc, seconds = None, None, 0.0
+    elif method.past_tasks_unchanged and i < t:
+        mf1, acc, seconds = record.mf1[i][i], record.acc[i][i], 0.0
+    else:
+        train, test = splits[i]
+        mf1, acc, seconds = finetune_and_test(
+            ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
+            seed=ctx.seed_for("finetune", t, i),
+            desc=f"end task {ctx.domains[i]} @ {ctx.domains[t]}", epochs=tasks[i].epochs)
+    if mf1 is not None and ctx.accelerator.trackers:  # live tracking: A[t][i] as it comes
+        ctx.accelerator.log({f"mf1/{i}_{ctx.domains[i]}": mf1,
+                             f"acc/{i}_{ctx.domains[i]}": acc}, step=t)
+    record.mf1[t].append(None if mf1 is None else round(mf1, 4))
+    record.acc[t].append(None if acc is None else round(acc, 4))
+    record.timings["finetune_s"][t].append(round(seconds, 3))
+
+
+# -- live tracking (`run --report-to`): Accelerate's trackers, written by the main process ----
+
+def start_tracking(accelerator: Accelerator, cfg: RunConfig, names: list[str]) -> None:
+    """Start the trackers and store the resolved config (scalars as they are, the rest as
+    JSON text: TensorBoard's hparams take only scalars and strings)."""
+    config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+              for k, v in {**cfg.to_dict(), "domains": names}.items()}
+    label = f"{cfg.row}-order{cfg.order}-seed{cfg.seed}"
+    accelerator.init_trackers("cdap-bench", config=config, init_kwargs={
+        "wandb": {"name": label}, "mlflow": {"run_name": label}})
+
+
+def track_domain(accelerator: Accelerator, progress: RunRecord, names: list[str],
+                 t: int) -> None:
+    """After domain t: the MF1 and Acc matrices so far as markdown text, the general loss."""
+    values: dict[str, Any] = {}
+    for metric in ("mf1", "acc"):
+        lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
+                 "|---" * (t + 2) + "|"]
+        for s, row in enumerate(progress[metric][:t + 1]):
+            cells = ["–" if v is None else f"{v:.2f}" for v in row]
+            lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
+        values[f"A_{metric}"] = "\n".join(lines)
+    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
+    accelerator.log(values, step=t)
+
+
+def new_record(cfg: RunConfig, suite, names: list[str], method: Method, base_s: float,
+               base_fingerprint: str) -> RunRecord:
+    return RunRecord(
+        suite=cfg.suite, profile=cfg.profile, synthetic=bool(suite.synthetic), method=cfg.method,
+        row=cfg.row, order=cfg.order, seed=cfg.seed, domains=names,
+        needs_domain_id=bool(method.needs_domain_id), config=cfg.to_dict(), **environment(),
+        base_fingerprint=base_fingerprint,
+        timings={"base_model_s": round(base_s, 3), "dap_s": [], "finetune_s": []})

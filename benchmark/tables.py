@@ -3,18 +3,25 @@
 One table per (suite, profile, order) and metric: a row per method (its `row` label), the
 last row of A (mean ± std over seeds) per domain, the average, the forgetting rate on
 seed-averaged matrices, KT (gain over `one`) and vs-base (gain over `base`).
+
+Result files are read through `benchmark.record` (schema checked, old files upgraded, damaged
+ones skipped with a warning); the views below get each record as its dict.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmark.atomic import DamagedFile
 from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
+from benchmark.record import load
+
+log = logging.getLogger(__name__)
 
 ROW_ORDER = ["base", "one", "pool", "adapter-one", "prompt-one", "lora-one", "ncl",
              "ncl-adapter", "ncl-lora", "ewc", "kd", "derpp", "hat", "demix", "dga", "das"]
@@ -22,11 +29,17 @@ METRICS = {"mf1": "MF1", "acc": "Acc"}
 
 
 def load_results(runs: Path) -> list[dict]:
+    """Every finished record under `runs` (as `RunRecord.to_dict()`); a damaged file is skipped
+    with a one-line warning naming it."""
     results = []
     for path in sorted(Path(runs).rglob("result.json")):
-        data = json.loads(path.read_text())
-        if data.get("finished"):
-            results.append(data)
+        try:
+            record = load(path)
+        except (DamagedFile, OSError) as err:
+            log.warning("skipped %s", err)
+            continue
+        if record.finished:
+            results.append(record.to_dict())
     return results
 
 
@@ -48,17 +61,29 @@ def _table_groups(results: list[dict], rows: list[str] | None):
         key = (res["suite"], res["profile"], res["order"], tuple(res["domains"]))
         groups[key][res["row"]].append(res)
     for key, by_row in sorted(groups.items()):
+        _warn_mixed_base(key, by_row)
         yield key, by_row, [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
 
 
+def _warn_mixed_base(key: tuple, by_row: dict[str, list[dict]]) -> None:
+    """Warn when one table holds rows started from different θ0 (their numbers do not compare)."""
+    prints = {r.get("base_fingerprint") for runs in by_row.values() for r in runs}
+    known = sorted(p for p in prints if p)
+    if len(known) > 1 or (known and None in prints):
+        log.warning("table %s-%s order %s mixes runs from %d different base models θ0 (%s%s)",
+                    key[0], key[1], key[2], len(known), ", ".join(p[:12] for p in known),
+                    " and runs that do not record theirs" if None in prints else "")
+
+
 def build_tables(
-    results: list[dict], rows: list[str] | None = None
+    results: list[dict], rows: list[str] | None = None, metrics: dict[str, str] = METRICS
 ) -> list[tuple[str, pd.DataFrame]]:
-    """[(title, table)] for every (suite, profile, order) and metric present in `results`."""
+    """[(title, table)] for every (suite, profile, order) and metric (`metrics`: result key to
+    title) present in `results`."""
     tables = []
     for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
         synthetic = any(r["synthetic"] for runs in by_row.values() for r in runs)
-        for metric, title in METRICS.items():
+        for metric, title in metrics.items():
             reference = {
                 name: final_row(average_matrices([r[metric] for r in by_row[name]]))
                 for name in ("one", "base") if name in by_row
@@ -141,3 +166,148 @@ def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown",
     if fmt == "markdown" and parts:
         parts.append(note + "\n")
     return "\n".join(parts)
+
+
+# -- further views: the paper's per-task metric, orders pooled, differences against a row -------
+
+# The paper's per-task metric: for `chemprot_sup` (our `pubmed` domain) the companion code
+# reports micro-F1 in place of macro-F1 (ContinualLM approaches/finetune.py l.76–77; both are
+# computed with scikit-learn at l.210–212). For single-label classification micro-F1 equals
+# accuracy (a wrong prediction is one false positive and one false negative, so micro precision
+# = micro recall = correct / N); the result JSON holds accuracy, so this view takes Acc there
+# and MF1 for every other domain.
+PAPER_ACC_DOMAINS = frozenset({"pubmed"})
+PAPER_METRICS = {"paper": "paper metric (MF1; Acc = micro-F1 for pubmed/ChemProt)"}
+PAPER_METRIC_NOTE = ("Paper metric: macro-F1, except micro-F1 (= accuracy for single-label "
+                     "tasks) for pubmed/ChemProt, as the companion code reports it "
+                     "(approaches/finetune.py l.76–77).")
+PAPER_NOTE = PAPER_METRIC_NOTE + " " + METRICS_NOTE
+
+
+def with_paper_metric(results: list[dict]) -> list[dict]:
+    """Copies of `results` with a `paper` matrix: Acc for the pubmed/ChemProt task, else MF1."""
+    out = []
+    for res in results:
+        acc_task = [domain in PAPER_ACC_DOMAINS for domain in res["domains"]]
+        matrix = [[a if acc_task[i] else m
+                   for i, (m, a) in enumerate(zip(m_row, a_row, strict=True))]
+                  for m_row, a_row in zip(res["mf1"], res["acc"], strict=True)]
+        out.append({**res, "paper": matrix})
+    return out
+
+
+def build_paper_tables(results: list[dict],
+                       rows: list[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """The MF1 table with the paper's per-task metric (`with_paper_metric`)."""
+    return build_tables(with_paper_metric(results), rows, PAPER_METRICS)
+
+
+def build_pooled_tables(
+    results: list[dict], rows: list[str] | None = None, metrics: dict[str, str] = METRICS
+) -> list[tuple[str, pd.DataFrame]]:
+    """Orders pooled, as the paper averages them: the last row per domain (by name), its
+    average and the forgetting rate, mean ± std over every (order, seed) run of a row.
+
+    FR here is each run's own FR, then pooled (the per-order table takes it on seed-averaged
+    matrices, which cannot be averaged across orders position by position)."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        key = (res["suite"], res["profile"], tuple(sorted(res["domains"])))
+        groups[key][res["row"]].append(res)
+    tables = []
+    for (suite, profile, _), by_row in sorted(groups.items()):
+        runs_all = [r for runs in by_row.values() for r in runs]
+        domains = min(runs_all, key=lambda r: r["order"])["domains"]  # lowest order's sequence
+        wanted = [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
+        for metric, title in metrics.items():
+            records = []
+            for row in wanted:
+                runs = sorted(by_row[row], key=lambda r: (r["order"], r["seed"]))
+                last = [dict(zip(r["domains"], final_row(r[metric]), strict=True)) for r in runs]
+                record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
+                          "orders": ",".join(str(o) for o in sorted({r["order"] for r in runs})),
+                          "runs": len(runs)}
+                for domain in domains:
+                    record[domain] = _cell([values[domain] for values in last])
+                record["Avg"] = _cell([float(np.mean(list(values.values()))) for values in last])
+                record["FR"] = _cell([forgetting_rate(r[metric]) for r in runs])
+                records.append(record)
+            heading = (f"{suite} ({profile}), orders pooled: {title} of the last row A[T][i], "
+                       "mean ± std over orders × seeds")
+            tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+POOLED_NOTE = ("Orders pooled: every (order, seed) run of a row counts once; columns name the "
+               "domains (their position differs between orders). FR: each run's forgetting "
+               "rate, then mean ± std. " + METRICS_NOTE)
+
+
+def _t_interval(values_a: list[float], values_b: list[float],
+                paired: bool) -> tuple[float, float, float]:
+    """(mean difference a − b, low, high) of a 95 % t-interval: paired, or Welch's."""
+    from benchmark.report import require_extra
+
+    stats = require_extra("scipy.stats", "table --vs")
+    a, b = np.asarray(values_a), np.asarray(values_b)
+    if paired:
+        diff = a - b
+        n = len(diff)
+        half = stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / np.sqrt(n)
+        return float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half)
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    mean = float(a.mean() - b.mean())
+    half = stats.t.ppf(0.975, dof) * np.sqrt(var_a + var_b)
+    return mean, float(mean - half), float(mean + half)
+
+
+def build_vs_tables(
+    results: list[dict], reference: str, rows: list[str] | None = None,
+    metric: str = "mf1", title: str = "MF1",
+) -> list[tuple[str, pd.DataFrame]]:
+    """Per (suite, profile, order): every row's mean difference in average `metric` (last row)
+    against row `reference`, with a 95 % t-interval over seeds (paired by seed where both rows
+    share at least 2 seeds, Welch's otherwise); `*` where the interval excludes zero."""
+    tables = []
+    for (suite, profile, order, _), by_row, wanted in _table_groups(results, rows):
+        if reference not in by_row:
+            continue
+        ref = {r["seed"]: float(np.mean(final_row(r[metric]))) for r in by_row[reference]}
+        records = []
+        for row in wanted:
+            if row == reference:
+                continue
+            mine = {r["seed"]: float(np.mean(final_row(r[metric]))) for r in by_row[row]}
+            shared = sorted(set(mine) & set(ref))
+            if len(shared) >= 2:
+                how, n = "paired t", str(len(shared))
+                diff, low, high = _t_interval([mine[s] for s in shared], [ref[s] for s in shared],
+                                              paired=True)
+            elif len(mine) >= 2 and len(ref) >= 2:
+                how, n = "Welch t", f"{len(mine)} vs {len(ref)}"
+                diff, low, high = _t_interval(list(mine.values()), list(ref.values()), False)
+            else:
+                how, n = "none (1 seed)", f"{len(mine)} vs {len(ref)}"
+                diff = float(np.mean(list(mine.values())) - np.mean(list(ref.values())))
+                low = high = float("nan")
+            excludes = bool(low > 0 or high < 0)
+            records.append({
+                "method": row, "seeds": n, f"Δ Avg {title}": f"{diff:+.2f}",
+                "95 % interval": "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]",
+                "interval": how, "≠ 0": "*" if excludes else "",
+            })
+        heading = (f"{suite} ({profile}), order {order}: average {title} of the last row "
+                   f"against `{reference}`, 95 % interval over seeds")
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+def vs_note(reference: str) -> str:
+    return (f"Δ: mean difference of the average MF1 (last row A[T][i]) against `{reference}`. "
+            "95 % interval: a t-interval (scipy) over the per-seed averages, paired by seed "
+            "where both rows share 2 or more seeds, Welch's unpaired interval otherwise; none "
+            "for a single-seed row. * the interval excludes zero. With 3 seeds the t quantile "
+            "is 4.30 (2 degrees of freedom), so the interval is wide: ±2.5 standard deviations "
+            "of the paired differences. A row without * is not shown to be equal, only not "
+            "shown to differ.")

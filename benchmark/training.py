@@ -68,6 +68,8 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if acc.trackers:  # live tracking (`run --report-to`): every step's loss
+            acc.log({f"dap_loss/{t}_{ctx.domains[t]}": float(loss.detach())}, step=step)
         if step % LOSS_EVERY == 0 or step == plan.steps - 1:
             losses.append(round(float(loss.detach()), 5))
             bar.set_postfix(loss=losses[-1])

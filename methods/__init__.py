@@ -6,18 +6,17 @@ through the `benchmark.methods` entry-point group (`name = "package.module:Class
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from methods.base import DapPlan, Method, NoArgs
+from benchmark.config import knob, non_negative, positive, read_yaml, validate
+from methods.base import Context, DapPlan, Method, NoArgs
 
 __all__ = [
+    "Context",
     "DapPlan",
     "Method",
     "NoArgs",
@@ -25,6 +24,9 @@ __all__ = [
     "available_methods",
     "build_method",
     "get_method_class",
+    "knob",
+    "non_negative",
+    "positive",
     "method_defaults",
     "register",
 ]
@@ -78,30 +80,26 @@ def get_method_class(name: str) -> type[Method]:
 
 
 def method_defaults(cls: type[Method]) -> dict[str, Any]:
-    """The method's own defaults: its `Args` dataclass overlaid by the YAML file beside it."""
-    values = {f.name: f.default for f in dataclasses.fields(cls.Args)
-              if f.default is not dataclasses.MISSING}
+    """The values a variant's YAML beside its module sets (`methods/dga.yaml`), else {}.
+
+    A method's defaults live in its `Args` dataclass alone; a YAML file is only for a registered
+    variant that reuses another method's class with other defaults."""
     module = importlib.import_module(cls.__module__)
-    if module.__file__:
-        path = Path(module.__file__).with_suffix(".yaml")
-        if path.exists():
-            loaded = yaml.safe_load(path.read_text()) or {}
-            section = loaded.get(cls.name, loaded) if isinstance(loaded, dict) else {}
-            values.update(section)
-    return values
+    path = Path(module.__file__).with_suffix(".yaml") if module.__file__ else None
+    if path is None or not path.exists():
+        return {}
+    loaded = read_yaml(path) or {}
+    section = loaded.get(cls.name, loaded) if isinstance(loaded, dict) else None
+    if not isinstance(section, dict):
+        raise MethodError(f"{path}: must be a mapping of {cls.name}'s arguments to values")
+    validate(cls.Args, section, str(path), f"method {cls.name!r}: ")
+    return section
 
 
-def build_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
-    """Instantiate a registered method with its defaults and `overrides` (checked by name)."""
+def build_method(name: str, overrides: dict[str, Any] | None = None,
+                 source: str = "method_args") -> Method:
+    """Instantiate a registered method with its defaults and `overrides`, each checked against
+    the type and check its `Args` declares (a bad one raises `ConfigError`, naming `source`)."""
     cls = get_method_class(name)
-    values = method_defaults(cls)
-    known = {f.name for f in dataclasses.fields(cls.Args)}
-    for key, value in (overrides or {}).items():
-        if key not in known:
-            valid = ", ".join(sorted(known)) or "(none)"
-            raise MethodError(f"unknown argument {key!r} for method {name!r}; valid: {valid}")
-        values[key] = value
-    unknown = set(values) - known
-    if unknown:
-        raise MethodError(f"method {name!r}: its YAML sets unknown argument(s) {sorted(unknown)}")
-    return cls(cls.Args(**values))
+    values = {**method_defaults(cls), **(overrides or {})}
+    return cls(validate(cls.Args, values, source, f"method {name!r}: "))

@@ -1,23 +1,51 @@
 """The Method interface: hooks named after the moments of the continual loop.
 
 A method is a class registered under a name (`@register("name")` in `methods/__init__.py`) with
-an optional `Args` dataclass for its own hyper-parameters, whose defaults live in a YAML file
-beside the module (`methods/<module>.yaml`). Every hook is optional; the defaults give `ncl`.
+an optional `Args` dataclass for its own hyper-parameters: each field's type (`Literal` for
+choices), default and, through `knob(default, check=...)`, its check are declared there once and
+enforced by `build_method` before a run writes anything. Every hook is optional; the defaults
+give `ncl`. Methods see the harness only through `Context`, declared here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from methods.modeling import MLMOutput, encoder_of, mlm_forward, trainable
 
-if TYPE_CHECKING:
-    from benchmark.context import Context
+
+class Context(Protocol):
+    """What every hook receives (implemented by `benchmark.context.Context`)."""
+
+    config: Any  # benchmark.config.RunConfig: the run's resolved, checked config
+    suite: Any  # tasks.Suite
+    domains: list[str]  # the run's domain names in order
+    model: nn.Module  # the masked LM being DAP-trained (a method may wrap or replace it)
+    tokenizer: Any
+    accelerator: Any  # accelerate.Accelerator
+    run_dir: Path
+    t: int  # index of the domain being trained
+    step: int  # DAP step within the domain
+    total_steps: int  # DAP steps planned for the domain
+
+    @property
+    def is_main_process(self) -> bool: ...
+    @property
+    def artifacts_dir(self) -> Path: ...
+    def save_artifact(self, name: str, content: dict[str, Any]) -> None: ...
+    def base_model(self) -> nn.Module: ...
+    def corpus(self, t: int) -> Any: ...
+    def general_corpus(self) -> Any | None: ...
+    def mlm_batches(self, data: Any, seed: int, batch_size: int | None = None,
+                    shuffle: bool = True) -> Iterator[dict[str, Tensor]]: ...
+    def mlm_eval_loss(self, model: nn.Module, data: Any, seed: int = 0) -> float: ...
+    def seed_for(self, phase: str, t: int, i: int | None = None) -> int: ...
 
 
 @dataclass

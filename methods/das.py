@@ -50,17 +50,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods import Method, MethodError, register
+from methods import Method, knob, positive, register
 from methods.gates import (
-    FORMS,
     KINDS,
-    PLACEMENTS,
-    QKV,
     Importance,
     UnitGates,
     accumulate,
@@ -71,40 +69,37 @@ from methods.gates import (
 from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
 
 log = logging.getLogger(__name__)
+Kind = Literal["head", "intermediate", "output"]  # gates.KINDS
 
 
 @dataclass
 class Args:
-    units: list[str] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
+    """The paper's settings: contrastive temperature 0.05, weight 1; |grad| importance."""
+
+    units: list[Kind] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
     softmask: bool = True  # RQ3: false = no soft-masking
-    softmask_units: list[str] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
-    importance_form: str = "abs"  # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative
-    importance_transform: str = "none"  # none | permute (RQ3 random) | binary (RQ3 hard mask)
+    softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
+    # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative (see gates.gate_gradients)
+    importance_form: Literal["abs", "signed", "companion-cumulative"] = "abs"
+    # none | permute (RQ3 random) | binary (RQ3 hard mask)
+    importance_transform: Literal["none", "permute", "binary"] = "none"
     hard_threshold: float = 0.5
-    general_importance: str = "kl"  # kl | mlm (general corpus) | random | none (RQ5)
-    contrast: str = "full"  # full | past-only | general-only | none (RQ4)
+    # kl | mlm (general corpus) | random | none (RQ5)
+    general_importance: Literal["kl", "mlm", "random", "none"] = "kl"
+    contrast: Literal["full", "past-only", "general-only", "none"] = "full"  # RQ4
     contrast_weight: float = 1.0
-    temperature: float = 0.05
+    temperature: float = knob(0.05, check=positive)
     gated_view_grad: bool = True  # false: a faster variant with a detached gated view
     # as published (default) vs as released in the companion code; see the module docstring
-    contrast_pairs: str = "dropout"  # dropout: x with itself | companion: x_2i+1 with x_2i
-    kl_proxy: str = "dropout"  # dropout: two dropout views | companion: vs θ0, eval, masked
-    domain_importance_input: str = "masked"  # masked | unmasked (companion)
-    intermediate_gate: str = "post"  # post: after the activation | pre (companion)
-    qkv_softmask: str = "rows"  # rows: a head's Q/K/V rows | companion: columns (+ out bias)
+    # dropout: x with itself | companion: x_2i+1 with x_2i
+    contrast_pairs: Literal["dropout", "companion"] = "dropout"
+    # dropout: two dropout views | companion: against θ0, eval mode, masked input
+    kl_proxy: Literal["dropout", "companion"] = "dropout"
+    domain_importance_input: Literal["masked", "unmasked"] = "masked"  # unmasked: companion
+    intermediate_gate: Literal["post", "pre"] = "post"  # pre: before the activation (companion)
+    # rows: a head's Q/K/V rows | companion: Q/K/V columns and the attention-output bias
+    qkv_softmask: Literal["rows", "companion"] = "rows"
 
-
-CHOICES = {
-    "importance_form": FORMS,
-    "contrast_pairs": ("dropout", "companion"),
-    "kl_proxy": ("dropout", "companion"),
-    "domain_importance_input": ("masked", "unmasked"),
-    "intermediate_gate": PLACEMENTS,
-    "qkv_softmask": QKV,
-    "importance_transform": ("none", "permute", "binary"),
-    "general_importance": ("kl", "mlm", "random", "none"),
-    "contrast": ("full", "past-only", "general-only", "none"),
-}
 
 
 def companion_kl_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -128,17 +123,6 @@ class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
 
     Args = Args
-
-    def __init__(self, args: Args | None = None) -> None:
-        super().__init__(args)
-        a = self.args
-        bad = [u for u in (*a.units, *a.softmask_units) if u not in KINDS]
-        if bad:
-            raise MethodError(f"{self.name}: unknown unit kind(s) {bad}; valid: {', '.join(KINDS)}")
-        for arg, valid in CHOICES.items():
-            if getattr(a, arg) not in valid:
-                raise MethodError(f"{self.name}: {arg} must be one of {', '.join(valid)}, "
-                                  f"got {getattr(a, arg)!r}")
 
     def setup(self, ctx) -> None:
         self.gates = UnitGates(ctx.model, intermediate=self.args.intermediate_gate)

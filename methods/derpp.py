@@ -9,26 +9,29 @@ second (their stored masks and labels), added to the current batch's MLM loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods import Method, MethodError, register
+from methods import Method, knob, positive, register
 from methods.buffer import ReservoirBuffer
 from methods.modeling import mlm_forward, mlm_head_of
-
-TARGETS = ("hidden", "logits")
 
 
 @dataclass
 class Args:
-    buffer_size: int = 500  # sequences
+    """Buffer of 500 sequences, α = 0.2, β = 0.5: Mammoth's best_args for DER++ with a
+    500-sample buffer on Seq-CIFAR-10 and Seq-TinyImageNet; replay on every step."""
+
+    buffer_size: int = knob(500, check=positive)  # sequences
     alpha: float = 0.2  # weight of the MSE to the stored outputs
     beta: float = 0.5  # weight of the replayed MLM loss
-    replay_every: int = 1  # replay on every k-th DAP step
+    replay_every: int = knob(1, check=positive)  # replay on every k-th DAP step
     replay_batch_size: int = 0  # 0: the DAP batch size
-    target: str = "hidden"  # what is stored and matched: "hidden" or "logits" (L × vocab each)
+    # what is stored and matched: "hidden" or "logits" (L × vocab each)
+    target: Literal["hidden", "logits"] = "hidden"
 
 
 @register("derpp")
@@ -39,10 +42,6 @@ class DERpp(Method):
 
     def __init__(self, args: Args | None = None) -> None:
         super().__init__(args)
-        if self.args.target not in TARGETS:
-            raise MethodError(f"derpp: target must be one of {TARGETS}, got {self.args.target!r}")
-        if self.args.replay_every <= 0:
-            raise MethodError("derpp: replay_every must be a positive number of steps")
         self.buffer = ReservoirBuffer(self.args.buffer_size)
         self.device = None
 

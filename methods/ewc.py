@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from methods import Method, MethodError, register
+from methods import Method, knob, positive, register
 from methods.modeling import mlm_forward
-
-MERGES = ("mean", "sum")
 
 
 @dataclass
 class Args:
     lam: float = 5000.0  # λ; the companion code's grid best
-    fisher_sequences: int = 512  # sequences of each domain the Fisher is estimated on
-    merge: str = "mean"  # how per-domain Fishers accumulate: "mean" (companion code) or "sum"
+    # sequences of each domain the Fisher is estimated on
+    fisher_sequences: int = knob(512, check=positive)
+    # how per-domain Fishers accumulate: "mean" (companion code) or "sum"
+    merge: Literal["mean", "sum"] = "mean"
 
 
 @register("ewc")
@@ -38,10 +39,6 @@ class EWC(Method):
 
     def __init__(self, args: Args | None = None) -> None:
         super().__init__(args)
-        if self.args.merge not in MERGES:
-            raise MethodError(f"ewc: merge must be one of {MERGES}, got {self.args.merge!r}")
-        if self.args.fisher_sequences <= 0:
-            raise MethodError("ewc: fisher_sequences must be a positive number of sequences")
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.domains = 0  # how many domains the Fisher covers

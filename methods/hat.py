@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Args:
+    """s_max = 400, c = 0.75, thres_cosh = 50, thres_emb = 6: the companion code's defaults."""
+
     s_max: float = 400.0
     c: float = 0.75  # weight of the sparsity regulariser (companion code's `lamb`)
     thres_cosh: float = 50.0

@@ -33,6 +33,11 @@ SHARED = "shared"  # the module name of the `ncl-*` methods: one module for the 
 
 @dataclass
 class AdapterArgs:
+    """The companion code adds one adapter after each FFN block ("no mh_adapter"), i.e. the
+    Pfeiffer / seq_bn layout, with the library's default width. End task: the LM is fine-tuned
+    with the adapter (the paper's DAP-Adapter description, as we read it); `ft_train_lm: false`
+    trains the adapter and head only (the companion code's `train_adapter` call)."""
+
     adapter_config: str = "seq_bn"  # an `adapters` config name: seq_bn (Pfeiffer), double_seq_bn
     reduction_factor: int = 16  # bottleneck width = hidden size / reduction_factor
     ft_train_lm: bool = True  # end task: fine-tune the LM with the module (else the module only)
@@ -49,6 +54,9 @@ class LoraArgs:
 
 @dataclass
 class PromptArgs:
+    """syn6 texts are short (max_length 16), so a short prompt keeps inside syn-base's 64
+    positions."""
+
     num_virtual_tokens: int = 10
     prompt_init: str = "SAMPLE_VOCAB"  # peft PromptTuningInit: RANDOM | SAMPLE_VOCAB
     ft_train_lm: bool = True

@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods import Method, MethodError, register
+from methods import Method, knob, positive, register
 from methods.modeling import encoder_of, mlm_head_of
-
-TARGETS = ("hidden", "logits")
 
 
 @dataclass
 class Args:
+    """L_mlm + 1 · KL on the last hidden states at T = 1 (the companion code's DistillKL(1))."""
+
     weight: float = 1.0  # λ in L_mlm + λ · KL
-    temperature: float = 1.0
-    target: str = "hidden"  # "hidden" (last hidden states) or "logits" (MLM logits)
+    temperature: float = knob(1.0, check=positive)
+    # "hidden" (last hidden states) or "logits" (MLM logits)
+    target: Literal["hidden", "logits"] = "hidden"
 
 
 @register("kd")
@@ -37,8 +39,6 @@ class Distillation(Method):
 
     def __init__(self, args: Args | None = None) -> None:
         super().__init__(args)
-        if self.args.target not in TARGETS:
-            raise MethodError(f"kd: target must be one of {TARGETS}, got {self.args.target!r}")
         self.teacher: nn.Module | None = None
 
     def before_domain(self, ctx, t: int) -> None:

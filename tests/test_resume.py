@@ -1,15 +1,21 @@
-"""Same seed, same numbers; a run killed mid-sequence and resumed ends with the same numbers."""
+"""Same seed, same numbers; a run killed anywhere and resumed ends with the same numbers; a
+resume that cannot be right (another config, damaged files, a live writer) is refused in one
+line, exit 2, nothing lost."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark.__main__ import main
+
 ROOT = Path(__file__).parent.parent
-NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps")
+NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps", "base_fingerprint")
 
 
 def cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,13 +38,14 @@ def test_same_seed_twice_gives_identical_numbers_and_kill_then_resume_matches(tm
     for key in NUMBERS:
         assert a[key] == b[key], key
 
-    # killed during the third domain's DAP-training (after its steps, before its checkpoint)
-    crash = cli(killed, env={"CDAP_CRASH_AT": "dap:2"})
+    # killed after the second domain's checkpoint and before its progress was written
+    crash = cli(killed, env={"CDAP_CRASH_AT": "checkpoint:1"})
     assert crash.returncode == 137
     run_dir = killed / "syn6-tiny" / "ncl" / "order1" / "seed2021"
     assert not (run_dir / "result.json").exists()
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
     assert meta["domain"] == 1
+    assert len(json.loads((run_dir / "progress.json").read_text())["dap_steps"]) == 1
     refused = cli(killed)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = cli(killed, "--resume")
@@ -58,6 +65,126 @@ def test_kill_between_fine_tunings_resumes_without_redoing_finished_ones(tmp_pat
     assert [len(r) for r in progress["mf1"]] == [1, 1]
     assert cli(out, "--resume").returncode == 0
     assert [len(r) for r in result(out)["mf1"]] == [1, 2, 3]
+
+
+FAST = ("--dap-steps", "3", "--ft-epochs", "1")
+BOUNDARIES = [f"{stage}:{t}" for t in range(3) for stage in ("dap", "checkpoint", "finetune")]
+
+
+@pytest.mark.slow
+def test_killed_at_every_phase_boundary_resume_ends_with_the_same_numbers(tmp_path):
+    reference, out = tmp_path / "ref", tmp_path / "killed"
+    assert cli(reference, *FAST).returncode == 0
+    # one run, killed at every boundary in turn: each --resume goes on to the next one; at one
+    # boundary it is interrupted like Ctrl-C instead
+    for n, point in enumerate([*BOUNDARIES, "finish:2"]):
+        ctrl_c = point == "finetune:1"
+        env = {"CDAP_CRASH_AT": point, **({"CDAP_CRASH_SIGNAL": "INT"} if ctrl_c else {})}
+        proc = cli(out, *FAST, *(["--resume"] if n else []), env=env)
+        if ctrl_c:
+            assert proc.returncode == 130, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr
+            assert "--resume" in proc.stderr.strip().splitlines()[-1]
+        else:
+            assert proc.returncode == 137, (point, proc.stderr[-2000:])
+    assert cli(out, *FAST, "--resume").returncode == 0
+    a, c = result(reference), result(out)
+    assert c["resumed_at"] == [1, 1, 2, 2, 2, 3, 3]  # a kill in DAP loses its own append
+    for key in NUMBERS:
+        assert c[key] == a[key], key
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("progress.json"))
+
+
+def interrupted_run(tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """A tiny run stopped by a full disk when the second domain's checkpoint is written."""
+    import benchmark.loop
+
+    real = benchmark.loop.save_checkpoint
+
+    def disk_full(run_dir, model, method, meta):
+        if meta["domain"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "checkpoint"))
+        return real(run_dir, model, method, meta)
+
+    args = ["run", "--method", "ncl", "--profile", "tiny", "--out", str(tmp_path / "out"),
+            "--no-table", *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(benchmark.loop, "save_checkpoint", disk_full)
+        assert main(args) == 2
+    return tmp_path / "out" / "syn6-tiny" / "ncl" / "order0" / "seed2021", args
+
+
+def test_full_disk_then_bad_resumes_are_refused_and_a_good_one_finishes(tmp_path, capsys,
+                                                                      monkeypatch):
+    from benchmark.lock import run_lock
+
+    run_dir, args = interrupted_run(tmp_path, monkeypatch)
+    err = capsys.readouterr().err  # progress bars, then the one line
+    assert "Traceback" not in err
+    err = err.strip().splitlines()[-1]
+    assert err.startswith("error: No space left on device") and "--resume" in err
+    saved = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def refused(*extra: str) -> str:
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    # another config than the stored one: the keys are named
+    assert "dap_steps=3 (asked 4)" in refused("--resume", "--dap-steps", "4")
+    # a live writer holds the folder
+    with run_lock(run_dir):
+        assert "another live process" in refused("--resume")
+        assert "another live process" in refused("--overwrite")
+    # damaged files of the interrupted run
+    for name, damage in (("progress.json", b'{"suite": "syn'), ("meta.json", b""),
+                         ("model.safetensors", b"\0" * 10)):
+        path = next(run_dir.rglob(name))
+        good = path.read_bytes()
+        path.write_bytes(damage)
+        assert f"{path.parent if name == 'model.safetensors' else path} is damaged" in refused(
+            "--resume")
+        path.write_bytes(good)
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == saved
+    assert main([*args, "--resume"]) == 0
+    done = json.loads((run_dir / "result.json").read_text())
+    assert done["resumed_at"] == [1] and [len(r) for r in done["mf1"]] == [1, 2, 3]
+
+
+def test_ctrl_c_is_one_line_saying_resume_continues(tmp_path, capsys, monkeypatch):
+    import benchmark.loop
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark.loop, "finetune_and_test", interrupt)
+    code = main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(tmp_path),
+                 "--no-table", *FAST])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted; rerun the same command with "
+                                                   "--resume")
+
+
+def test_labels_that_sanitise_alike_get_their_own_folders(tmp_path):
+    from benchmark.config import RunConfig
+    from benchmark.loop import run_dir_for
+
+    dirs = {run_dir_for(tmp_path, RunConfig(method="das", label=label))
+            for label in ("das (fast)", "das [fast]", "das_fast_")}
+    assert len(dirs) == 3
+    assert run_dir_for(tmp_path, RunConfig(method="das")).parts[-3] == "das"
+
+
+def test_a_finished_run_of_another_config_is_not_reported_as_this_one(tmp_path, capsys,
+                                                                    monkeypatch):
+    run_dir, args = interrupted_run(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    assert main([*args, "--resume", "--ft-epochs", "2"]) == 2
+    assert "ft_epochs=1 (asked 2)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

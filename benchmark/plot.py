@@ -1,0 +1,342 @@
+"""`python -m benchmark plot`: the figures, from result JSON and method artefacts alone.
+
+Per (suite, profile, order), in `OUT/<suite>-<profile>-order<k>/`, one figure per idea:
+
+- `A_mf1-<row>`: the seed-mean A[t][i] MF1 matrix as an annotated heatmap, the diagonal
+  (just trained) and the last row (the table's numbers) outlined;
+- `trajectories`: each end task's MF1 through the sequence, a line per row, ± std band;
+- `summary_bars`: average MF1 ± std and FR per row, coloured by the group preset it belongs to;
+- `dap_loss`: the DAP loss per step for each domain; `general_mlm_loss`: the held-out general
+  corpus MLM loss of θ0 and after each domain;
+- `importance-<row>` (das, dga): the saved unit importance, mean per layer × unit kind, of the
+  general proxy, each domain and the accumulated I_≤t; `importance_units-<row>`: the final
+  accumulated importance of every unit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmark.metrics import average_matrices, forgetting_rate
+from benchmark.report import require_extra
+
+log = logging.getLogger(__name__)
+FORMATS = ("png", "pdf", "svg")
+KINDS = ("head", "intermediate", "output")  # methods/gates.py unit kinds
+SHORT = {"head": "head", "intermediate": "int.", "output": "out"}
+GROUP_ORDER = ["reference", "zoo", "rq1", "rq3", "rq4", "rq5"]
+
+
+def _pyplot():
+    matplotlib = require_extra("matplotlib", "plot")
+    matplotlib.use("Agg")  # files only, no display
+    return require_extra("matplotlib.pyplot", "plot")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _matrix(runs: list[dict], metric: str = "mf1") -> tuple[np.ndarray, np.ndarray]:
+    """Seed mean and std of A (NaN where not evaluated; std 0 for a single seed)."""
+    stack = np.asarray([[[np.nan if v is None else v for v in row] + [np.nan] * (len(r[metric])
+                        - len(row)) for row in r[metric]] for r in runs], dtype=float)
+    std = stack.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(stack.shape[1:])
+    return stack.mean(axis=0), std
+
+
+def _styles(rows: list[str]) -> dict[str, dict]:
+    """A fixed colour and line style per row, the same in every figure of a group."""
+    plt = _pyplot()
+    colours = plt.get_cmap("tab20").colors
+    dashes = ["-", "--", ":", "-."]
+    return {row: {"color": colours[k % len(colours)], "linestyle": dashes[(k // 20) % 4]}
+            for k, row in enumerate(rows)}
+
+
+def _save(fig, path: Path, written: list[Path]) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    written.append(path)
+
+
+def heatmap(runs: list[dict], domains: list[str], row: str, path: Path,
+            written: list[Path]) -> None:
+    plt = _pyplot()
+    mean, _ = _matrix(runs)
+    size = len(domains)
+    fig, ax = plt.subplots(figsize=(1.0 * size + 2.0, 0.8 * size + 1.5))
+    image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", vmin=0, vmax=100)
+    for t in range(size):
+        for i in range(t + 1):
+            if not np.isnan(mean[t, i]):
+                ax.text(i, t, f"{mean[t, i]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if mean[t, i] < 60 else "black")
+        ax.add_patch(plt.Rectangle((t - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="black",
+                                   linewidth=2))
+    ax.add_patch(plt.Rectangle((-0.5, size - 1.5), size, 1, fill=False, edgecolor="red",
+                               linewidth=2.5))
+    ax.set_xticks(range(size), domains, rotation=45, ha="right")
+    ax.set_yticks(range(size), [f"after {d}" for d in domains])
+    ax.set_xlabel("end task i")
+    ax.set_ylabel("DAP-trained through domain t")
+    seeds = len(runs)
+    ax.set_title(f"{row}: A[t][i] MF1, mean of {seeds} seed{'s' if seeds > 1 else ''}\n"
+                 "black: diagonal (just trained); red: last row (the table)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="MF1")
+    _save(fig, path, written)
+
+
+def trajectories(by_row: dict[str, list[dict]], wanted: list[str], domains: list[str],
+                 styles: dict, path: Path, written: list[Path]) -> None:
+    plt = _pyplot()
+    size = len(domains)
+    cols = min(size, 3)
+    fig, axes = plt.subplots((size + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 *
+                             ((size + cols - 1) // cols)), squeeze=False, sharey=True)
+    for i, domain in enumerate(domains):
+        ax = axes.flat[i]
+        for row in wanted:
+            mean, std = _matrix(by_row[row])
+            ts = np.asarray([t for t in range(i, size) if not np.isnan(mean[t, i])])
+            if not len(ts):
+                continue
+            ax.plot(ts, mean[ts, i], marker="o", markersize=3, label=row, **styles[row])
+            if len(by_row[row]) > 1:
+                ax.fill_between(ts, mean[ts, i] - std[ts, i], mean[ts, i] + std[ts, i],
+                                color=styles[row]["color"], alpha=0.12, linewidth=0)
+        ax.set_title(f"end task {i}: {domain}", fontsize=10)
+        ax.set_xticks(range(size), [f"{t}" for t in range(size)])
+        ax.set_xlim(-0.3, size - 0.7)
+        ax.set_xlabel("after DAP-training domain t")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[size:]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("MF1")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle("Each end task's MF1 through the sequence (seed mean ± std; with "
+                 "eval_matrix diagonal only A[i][i] and A[T][i] exist)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, written)
+
+
+def summary_bars(by_row: dict[str, list[dict]], wanted: list[str],
+                 groups: dict[str, list[str]], path: Path, written: list[Path]) -> None:
+    plt = _pyplot()
+    member = {}  # a row's colour: the first group preset holding it, in GROUP_ORDER first
+    ordered = sorted(groups, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else 99)
+    for name, rows in ((g, groups[g]) for g in ordered):
+        for row in rows:
+            member.setdefault(row, name)
+    names = list(dict.fromkeys(member.get(r, "other") for r in wanted))
+    palette = dict(zip(names, plt.get_cmap("Set2").colors * 3, strict=False))
+    avgs, stds, frs = [], [], []
+    for row in wanted:
+        runs = by_row[row]
+        per_seed = [float(np.mean(r["mf1"][-1])) for r in runs]
+        avgs.append(np.mean(per_seed))
+        stds.append(np.std(per_seed, ddof=1) if len(per_seed) > 1 else np.nan)
+        frs.append(forgetting_rate(average_matrices([r["mf1"] for r in runs])))
+    colours = [palette[member.get(r, "other")] for r in wanted]
+    y = np.arange(len(wanted))
+    height = 0.32 * len(wanted) + 2.2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height), sharey=True)
+    left.barh(y, avgs, xerr=stds, color=colours, capsize=2)
+    right.barh(y, frs, color=colours)
+    right.axvline(0, color="black", linewidth=0.8)
+    left.set_yticks(y, [f"{r} ({len(by_row[r])})" for r in wanted])
+    left.invert_yaxis()
+    left.set_xlabel("average MF1 of the last row (± std over seeds)")
+    right.set_xlabel("forgetting rate FR (seed-averaged matrix)")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[n]) for n in names]
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0), title="group (row label: seeds)")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))  # the legend keeps 0.75 in on top
+    _save(fig, path, written)
+
+
+def loss_curves(by_row: dict[str, list[dict]], wanted: list[str], domains: list[str],
+                styles: dict, folder: Path, fmt: str, written: list[Path]) -> None:
+    from benchmark.training import LOSS_EVERY
+
+    plt = _pyplot()
+    size = len(domains)
+    cols = min(size, 3)
+    fig, axes = plt.subplots((size + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.0 *
+                             ((size + cols - 1) // cols)), squeeze=False, sharey=True)
+    drawn = False
+    for t, domain in enumerate(domains):
+        ax = axes.flat[t]
+        for row in wanted:
+            curves = [r["dap_loss"][t] for r in by_row[row]
+                      if len(r["dap_loss"]) > t and r["dap_loss"][t]]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = by_row[row][0]["dap_steps"][t]
+            xs = [min(k * LOSS_EVERY, steps - 1) for k in range(length)]
+            ax.plot(xs, np.mean([c[:length] for c in curves], axis=0), label=row,
+                    linewidth=1, **styles[row])
+            drawn = True
+        ax.set_title(f"domain {t}: {domain}", fontsize=10)
+        ax.set_xlabel("DAP step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[size:]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("DAP loss (seed mean)")
+    if drawn:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        fig.suptitle(f"DAP training loss per step (recorded every {LOSS_EVERY} steps)",
+                     fontsize=10)
+        fig.tight_layout()
+        _save(fig, folder / f"dap_loss.{fmt}", written)
+    else:
+        plt.close(fig)
+
+    general = {row: [r["general_mlm_loss"] for r in by_row[row] if r.get("general_mlm_loss")]
+               for row in wanted}
+    general = {row: g for row, g in general.items() if g}
+    if not general:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row, curves in general.items():
+        length = min(len(c) for c in curves)
+        mean = np.mean([c[:length] for c in curves], axis=0)
+        ax.plot(range(length), mean, marker="o", markersize=3, label=row, **styles[row])
+    ax.set_xticks(range(size + 1), ["θ0"] + [f"after {d}" for d in domains], rotation=30,
+                  ha="right")
+    ax.set_ylabel("general-corpus MLM loss (seed mean)")
+    ax.set_title("Held-out general corpus MLM loss after each domain (lower: more retained)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    _save(fig, folder / f"general_mlm_loss.{fmt}", written)
+
+
+def _artifact_dirs(runs_dir: Path, runs: list[dict]) -> list[Path]:
+    """The `artifacts` folders of `runs` under `runs_dir`, found by the loop's layout."""
+    from benchmark.loop import run_dir_for
+
+    found = []
+    for res in runs:
+        cfg = SimpleNamespace(**{k: res[k] for k in ("suite", "profile", "row", "order", "seed")})
+        found += [p for legacy in (False, True)
+                  for rel in [run_dir_for(Path("."), cfg, legacy) / "artifacts"]
+                  for p in [Path(runs_dir) / rel, *Path(runs_dir).glob(f"**/{rel}")]
+                  if p.is_dir()][:1]
+    return found
+
+
+def _load_importance(folders: list[Path], domains: list[str]) -> dict[str, dict] | None:
+    """{stage: {kind: seed-mean array [layers, units]}} for general, domain t, accumulated t."""
+    safetensors = require_extra("safetensors.numpy", "plot")
+    stages = {"general": "importance_general"}
+    for t, domain in enumerate(domains):
+        stages[f"domain {t}"] = f"importance_domain{t}_{domain}"
+        stages[f"accumulated ≤{t}"] = f"importance_accumulated{t}"
+    out = {}
+    for stage, stem in stages.items():
+        files = [f / f"{stem}.safetensors" for f in folders]
+        files = [f for f in files if f.exists()]
+        if not files:
+            continue
+        loaded = [safetensors.load_file(str(f)) for f in files]
+        out[stage] = {k: np.mean([d[k] for d in loaded], axis=0) for k in loaded[0]}
+    return out or None
+
+
+def importance(stages: dict[str, dict], domains: list[str], row: str, seeds: int,
+               folder: Path, fmt: str, written: list[Path]) -> None:
+    plt = _pyplot()
+    kinds = [k for k in KINDS if k in stages[next(iter(stages))]]
+    size = len(domains)
+    fig, axes = plt.subplots(2, size + 1, figsize=(1.9 * (size + 1), 5.6), squeeze=False,
+                             gridspec_kw={"hspace": 0.45})
+    panels = [(0, 0, "general")] + [(0, t + 1, f"domain {t}") for t in range(size)] + \
+             [(1, t + 1, f"accumulated ≤{t}") for t in range(size)]
+    image = None
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, c, stage in panels:
+        if stage not in stages:
+            continue
+        ax = axes[r, c]
+        ax.axis("on")
+        grid = np.stack([stages[stage][k].mean(axis=1) for k in kinds], axis=1)  # layer × kind
+        image = ax.imshow(grid, cmap="magma", vmin=0, vmax=1, aspect="auto")
+        for layer in range(grid.shape[0]):
+            for k in range(grid.shape[1]):
+                ax.text(k, layer, f"{grid[layer, k]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[layer, k] < 0.6 else "black")
+        title = stage if not stage.startswith("domain") else \
+            f"{stage}: {domains[int(stage.split()[1])]}"
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(len(kinds)), [SHORT[k] for k in kinds], fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), [f"L{layer}" for layer in range(grid.shape[0])],
+                      fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="mean unit importance")
+    fig.suptitle(f"{row}: unit importance, mean per layer × unit kind (attention head, FFN "
+                 "intermediate, FFN output)\ntop: general proxy and each domain; bottom: "
+                 f"accumulated I≤t; {seeds} seed(s)", fontsize=10)
+    _save(fig, folder / f"importance-{_safe(row)}.{fmt}", written)
+
+    last = [s for s in stages if s.startswith("accumulated")]
+    if not last:
+        return
+    final = stages[last[-1]]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.3 * len(kinds) + 1.8), squeeze=False,
+                             gridspec_kw={"hspace": 0.6})
+    for ax, kind in zip(axes.flat, kinds, strict=True):
+        image = ax.imshow(final[kind], cmap="magma", vmin=0, vmax=1, aspect="auto",
+                          interpolation="nearest")
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_yticks(range(final[kind].shape[0]))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{kind} units", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="importance")
+    fig.suptitle(f"{row}: accumulated importance of every unit after the last domain "
+                 f"({last[-1]})", fontsize=10)
+    _save(fig, folder / f"importance_units-{_safe(row)}.{fmt}", written)
+
+
+def plot_runs(results: list[dict], runs_dir: Path, out: Path, rows: list[str] | None = None,
+              fmt: str = "png", groups: dict[str, list[str]] | None = None,
+              per_row: bool = True) -> list[Path]:
+    """Draw every figure for `results` (read from `runs_dir`) into `out`; the files written.
+
+    `per_row=False` draws only the bars and the trajectories (the report's per-group views)."""
+    from benchmark.tables import _table_groups
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format {fmt!r}; valid: {', '.join(FORMATS)}")
+    _pyplot()
+    written: list[Path] = []
+    for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
+        folder = Path(out) / f"{_safe(suite)}-{_safe(profile)}-order{order}"
+        folder.mkdir(parents=True, exist_ok=True)
+        domains = list(domains)
+        styles = _styles(wanted)
+        summary_bars(by_row, wanted, groups or {}, folder / f"summary_bars.{fmt}", written)
+        trajectories(by_row, wanted, domains, styles, folder / f"trajectories.{fmt}", written)
+        if not per_row:
+            continue
+        loss_curves(by_row, wanted, domains, styles, folder, fmt, written)
+        for row in wanted:
+            heatmap(by_row[row], domains, row, folder / f"A_mf1-{_safe(row)}.{fmt}", written)
+        for row in wanted:
+            folders = _artifact_dirs(runs_dir, by_row[row])
+            stages = _load_importance(folders, domains) if folders else None
+            if stages:
+                importance(stages, domains, row, len(folders), folder, fmt, written)
+    log.info("wrote %d figures under %s", len(written), out)
+    return written
+

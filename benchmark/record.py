@@ -1,0 +1,85 @@
+"""The result record of one (suite, method, order, seed): the one schema of `result.json`.
+
+`loop.run` fills a `RunRecord` as the run goes (it is also the content of `progress.json`) and
+writes it through `save`; `tables.py` reads records through `load`, never raw dicts. Files made
+before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
+get their defaults (`base_fingerprint: None`: θ0 unknown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmark.atomic import DamagedFile, read_json, write_json_atomic
+
+SCHEMA = 2  # 2: schema, base_fingerprint, head_warmup_loss always present
+
+
+@dataclass
+class RunRecord:
+    suite: str
+    profile: str
+    synthetic: bool
+    method: str
+    row: str
+    order: int
+    seed: int
+    domains: list[str]
+    needs_domain_id: bool
+    config: dict[str, Any]  # the resolved RunConfig
+    versions: dict[str, Any] = field(default_factory=dict)  # python and package versions
+    git_commit: str | None = None
+    threads: int | None = None  # torch threads of the run (does not move its numbers)
+    base_fingerprint: str | None = None  # sha256 of θ0's state dict (None: unknown, schema 1)
+    # A[t][i]: row t (after domain t) holds one cell per task i <= t; None = not evaluated
+    mf1: list[list[float | None]] = field(default_factory=list)
+    acc: list[list[float | None]] = field(default_factory=list)
+    dap_loss: list[list[float]] = field(default_factory=list)
+    dap_steps: list[int] = field(default_factory=list)
+    general_mlm_loss: list[float] = field(default_factory=list)  # θ0, then after each domain
+    head_warmup_loss: list[float] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+    resumed_at: list[int] = field(default_factory=list)
+    finished: bool = False
+    schema: int = SCHEMA
+
+    @property
+    def domains_done(self) -> int:
+        """Domains whose DAP-training is recorded."""
+        return len(self.dap_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        """`record["mf1"]`: the field, for code written against the JSON dict."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "record") -> RunRecord:
+        if not isinstance(data, dict):
+            raise DamagedFile(f"{source}: not a result record (a JSON object expected)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        known.setdefault("schema", 1)
+        if known["schema"] > SCHEMA:
+            raise DamagedFile(f"{source}: schema {known['schema']} is newer than this "
+                              f"package's ({SCHEMA}); update the package")
+        try:
+            return cls(**known)
+        except TypeError as err:  # a required key missing
+            raise DamagedFile(f"{source}: not a result record ({err})") from None
+
+
+def save(path: Path, record: RunRecord) -> None:
+    write_json_atomic(path, record.to_dict())
+
+
+def load(path: Path) -> RunRecord:
+    """The record in `path`; `DamagedFile` naming the file if it is not one."""
+    return RunRecord.from_dict(read_json(path), str(path))
