@@ -14,7 +14,8 @@ from datasets import Dataset
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from benchmark.data import endless, mlm_loader, task_collate
 from benchmark.metrics import accuracy, macro_f1
@@ -187,33 +188,64 @@ def mlm_eval_loss(ctx, model: nn.Module, data: Dataset, seed: int = 0) -> float:
     return total / max(count, 1)
 
 
-class TaskModel(nn.Module):
-    """An encoder plus a fresh classification head on the first token."""
+class SharedEncoder(nn.Module):
+    """The body of a stock sequence-classification model, played by the DAP-trained encoder.
 
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+    The stock heads read either the sequence output (RoBERTa's `RobertaClassificationHead`:
+    dense + tanh + out_proj on `<s>`) or the pooled output (BERT: the pooler's dense + tanh on
+    [CLS], dropout, a linear classifier). A masked LM's encoder has no pooler, so the stock
+    model's own freshly initialised one stands in (used only when the encoder returns none).
+    The encoder may be any module a method hands over (a stock body with hooks, a mixture).
+    """
+
+    def __init__(self, encoder: nn.Module, pooler: nn.Module | None) -> None:
         super().__init__()
         self.encoder = encoder
-        width = encoder.config.hidden_size
-        self.dropout = nn.Dropout(0.1)
-        self.head = nn.Linear(width, num_labels)
+        self.pooler = pooler
+        self.config = encoder.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                **_: object) -> BaseModelOutputWithPooling:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.head(self.dropout(hidden[:, 0]))
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None and self.pooler is not None:
+            pooled = self.pooler(hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def task_model(encoder: nn.Module, num_labels: int) -> nn.Module:
+    """The encoder family's stock `AutoModelForSequenceClassification`, its body `encoder`.
+
+    The companion code fine-tunes with the family's own head: ContinualLM
+    `networks/transformers/roberta.py` l.676 and l.735–736, `RobertaClassificationHead` on the
+    sequence output (dense + tanh + out_proj on `<s>`), loaded by `utils/model.py` l.436–448.
+    Building the stock model from the encoder's config and swapping its body for the encoder
+    gives every family its own head through one code path. The stock body built alongside is
+    dropped (its pooler aside): a transient cost of one randomly initialised encoder.
+    """
+    config = copy.deepcopy(encoder.config)
+    config.num_labels = num_labels
+    config.problem_type = "single_label_classification"
+    model = AutoModelForSequenceClassification.from_config(config)
+    stock = model.base_model
+    pooler = getattr(stock, "pooler", None)
+    setattr(model, model.base_model_prefix, SharedEncoder(encoder, pooler))
+    return model
 
 
 def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, num_labels: int,
                       seed: int, desc: str,
                       epochs: int | None = None) -> tuple[float, float, float]:
-    """Fine-tune a copy of `encoder` with a new head on `train`; (MF1, Acc, seconds) on `test`.
+    """Fine-tune a copy of `encoder` with the family's stock classification head on `train`;
+    (MF1, Acc, seconds) on `test`.
 
     `epochs` is the task's own count (the paper's per-task epochs) and wins over `ft_epochs`."""
     cfg = ctx.config
     epochs = epochs or cfg.ft_epochs
     start = time.perf_counter()
     set_seed(seed)
-    model = TaskModel(copy.deepcopy(encoder), num_labels)
+    model = task_model(copy.deepcopy(encoder), num_labels)
     collate = task_collate(ctx.tokenizer.pad_token_id)
     loader = DataLoader(train.with_format(None), batch_size=cfg.ft_batch_size, shuffle=True,
                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
@@ -233,7 +265,8 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     for _ in tqdm(range(epochs), desc=desc, leave=False,
                   disable=not acc.is_local_main_process):
         for batch in loader:
-            logits = model(batch["input_ids"], batch["attention_mask"])
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             loss = nn.functional.cross_entropy(logits, batch["labels"])
             acc.backward(loss)
             optimizer.step()
@@ -245,7 +278,8 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
                                          collate_fn=collate))
     with torch.no_grad():
         for batch in test_loader:
-            logits = model(batch["input_ids"], batch["attention_mask"])
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             pred, labels = acc.gather_for_metrics((logits.argmax(-1), batch["labels"]))
             predictions += pred.tolist()
             gold += labels.tolist()

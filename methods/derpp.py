@@ -1,13 +1,40 @@
-"""DER++ (Buzzega et al., 2020): replay with stored dark knowledge plus the replayed MLM loss.
+"""DER++ (Buzzega et al., 2020): replay of earlier sequences with their stored dark knowledge.
 
-Every DAP batch is offered to a reservoir buffer with the last hidden states (or MLM logits)
-the model produced for it at that step. Every `replay_every` steps two independent minibatches
-are drawn from the buffer: `alpha · MSE(now, stored)` on the first, `beta · L_mlm` on the
-second (their stored masks and labels), added to the current batch's MLM loss.
+Every `replay_every` steps, while the buffer holds anything, two independent minibatches are
+drawn from it: `alpha · MSE(now, stored)` on the first (the last hidden states, or the MLM
+logits, the model produced when the sequence was stored), `beta · L_mlm` on the second (its
+stored masks and labels), both added to the current batch's MLM loss.
+
+`fill: after_domain` (default) fills the buffer as the companion code intends
+(UIC-Liu-Lab/ContinualLM, commit 57e498c): after DAP-training domain t, sequences of its corpus
+(at most `fill_sequences`, the companion code's 10,000-sequence subset, `posttrain.py`
+l.204–208) are offered to a reservoir buffer with the final model's outputs on them
+(`approaches/after_posttrain.py` l.45–52, `networks/baselines/memory.py` l.96–140: the
+masked input, its labels and `hidden_states[-1]`; the reservoir is shared by all domains,
+l.19–33). While domain t trains the buffer thus holds domains < t only, and nothing is replayed
+on the first domain. (In the companion code `add_from_loader` reads `hidden_states` from an
+output that does not carry them, so its DER++ does not run as shipped.) The model stays in
+train mode while filling, as there. Only the offered sequences the reservoir keeps are encoded.
+
+`fill: stream` is the form this package ran before (Mammoth's online DER++): every DAP batch is
+offered to the reservoir with the outputs of that very step, so the buffer also holds the
+domain being trained.
+
+The buffer's size: `buffer_size` sequences, or, when 0 (default), `buffer_share` of all the
+run's corpora together, as the companion code sizes it per domain times the number of domains
+(`approaches/before_posttrain.py` l.55). The paper keeps about 100 sequences per domain of
+~640k (0.016 %); on `syn6` (720 sequences per domain, 4,320 in all) that share is under one
+sequence, so the default is 1 %: 43 sequences on `syn6`, about 7 per domain at the end, where
+the earlier fixed 500 held 11.6 % of the corpora. After each domain `artifacts/derpp.json`
+records how many sequences of each domain the buffer holds and its share of the corpora seen so far.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,19 +42,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods import Method, knob, positive, register
+from methods import Method, knob, non_negative, positive, register
 from methods.buffer import ReservoirBuffer
 from methods.modeling import mlm_forward, mlm_head_of
+
+log = logging.getLogger(__name__)
+
+
+def share(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be a share in (0, 1]"
 
 
 @dataclass
 class Args:
-    """Buffer of 500 sequences, α = 0.2, β = 0.5: Mammoth's best_args for DER++ with a
-    500-sample buffer on Seq-CIFAR-10 and Seq-TinyImageNet; replay on every step."""
-
-    buffer_size: int = knob(500, check=positive)  # sequences
-    alpha: float = 0.2  # weight of the MSE to the stored outputs
-    beta: float = 0.5  # weight of the replayed MLM loss
+    # sequences; 0: `buffer_share` of all the run's corpora
+    buffer_size: int = knob(0, check=non_negative)
+    # the buffer's size as a share of the corpora (when buffer_size is 0)
+    buffer_share: float = knob(0.01, check=share)
+    # "after_domain" (companion code) or "stream" (every DAP batch)
+    fill: Literal["after_domain", "stream"] = "after_domain"
+    # after_domain: sequences of the domain offered (companion: 1e4)
+    fill_sequences: int = knob(10000, check=positive)
+    alpha: float = 0.2  # weight of the MSE to the stored outputs (Mammoth's best_args, 500)
+    beta: float = 0.5  # weight of the replayed MLM loss (Mammoth's best_args, buffer 500)
     replay_every: int = knob(1, check=positive)  # replay on every k-th DAP step
     replay_batch_size: int = 0  # 0: the DAP batch size
     # what is stored and matched: "hidden" or "logits" (L × vocab each)
@@ -42,18 +79,26 @@ class DERpp(Method):
 
     def __init__(self, args: Args | None = None) -> None:
         super().__init__(args)
-        self.buffer = ReservoirBuffer(self.args.buffer_size)
+        self.buffer: ReservoirBuffer | None = None
+        self.corpus_sizes: list[int] = []
         self.device = None
 
     def setup(self, ctx) -> None:
-        self.buffer = ReservoirBuffer(self.args.buffer_size, seed=ctx.config.seed)
+        self.corpus_sizes = [len(ctx.corpus(t)) for t in range(len(ctx.domains))]
+        size = self.args.buffer_size or max(1, round(self.args.buffer_share
+                                                     * sum(self.corpus_sizes)))
+        self.buffer = ReservoirBuffer(size, seed=ctx.config.seed)
         self.device = ctx.accelerator.device
+        log.info("derpp: a buffer of %d sequences, %.3f %% of the run's %d corpus sequences",
+                 size, 100 * size / sum(self.corpus_sizes), sum(self.corpus_sizes))
 
     def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
         loss = outputs.loss
         if len(self.buffer) and ctx.step % self.args.replay_every == 0:
             loss = loss + self.replay_loss(ctx.model, ctx.config.dap_batch_size)
-        self.store(ctx, batch, outputs.hidden)
+        if self.args.fill == "stream":
+            rows, slots = self.buffer.reserve(batch["input_ids"].shape[0])
+            self.store(ctx, batch, rows, slots, outputs.hidden, ctx.t)
         return loss
 
     def replay_loss(self, model, batch_size: int) -> Tensor:
@@ -68,8 +113,28 @@ class DERpp(Method):
         return self.args.alpha * mse + self.args.beta * mlm
 
     @torch.no_grad()
-    def store(self, ctx, batch: dict[str, Tensor], hidden: Tensor) -> None:
-        rows, slots = self.buffer.reserve(batch["input_ids"].shape[0])
+    def fill_from_domain(self, ctx, t: int) -> None:
+        """Offer sequences of domain t's corpus to the reservoir with the model's outputs now."""
+        data = ctx.corpus(t)
+        offer = min(len(data), self.args.fill_sequences)
+        batch_size = ctx.config.dap_batch_size
+        batches = ctx.mlm_batches(data, seed=ctx.config.seed * 7919 + t, batch_size=batch_size)
+        for _ in range(math.ceil(offer / batch_size)):
+            batch = next(batches)
+            take = min(batch["input_ids"].shape[0], offer)
+            offer -= take
+            rows, slots = self.buffer.reserve(take)
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=batch["input_ids"].device)
+            kept = {k: v[index] for k, v in batch.items()}
+            hidden = mlm_forward(ctx.model, kept).hidden
+            self.store(ctx, kept, list(range(len(rows))), slots, hidden, t)
+
+    @torch.no_grad()
+    def store(self, ctx, batch: dict[str, Tensor], rows: list[int], slots: list[int],
+              hidden: Tensor, t: int) -> None:
+        """Write rows `rows` of `batch` (and of its outputs `hidden`) into buffer `slots`."""
         if not rows:
             return
         index = torch.tensor(rows, device=hidden.device)
@@ -83,8 +148,32 @@ class DERpp(Method):
             "attention_mask": _pad(batch["attention_mask"][index], width, 0),
             "labels": _pad(batch["labels"][index], width, -100),
             "target": _pad(target.float(), width, 0.0),
-            "domain": torch.full((len(rows),), ctx.t, dtype=torch.long, device=hidden.device),
+            "domain": torch.full((len(rows),), t, dtype=torch.long, device=hidden.device),
         })
+
+    def after_domain(self, ctx, t: int) -> None:
+        if self.args.fill == "after_domain":
+            self.fill_from_domain(ctx, t)
+        self.record(ctx, t)
+
+    def record(self, ctx, t: int) -> None:
+        """Append to `artifacts/derpp.json` what the buffer holds after domain t."""
+        domains = self.buffer.data.get("domain", torch.zeros(0, dtype=torch.long))
+        held = Counter(domains[: len(self.buffer)].tolist())
+        seen = sum(self.corpus_sizes[: t + 1])
+        path = ctx.artifacts_dir / "derpp.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record["buffer_size"] = self.buffer.size
+        record["corpus_sequences"] = dict(zip(ctx.domains, self.corpus_sizes, strict=True))
+        record.setdefault("after_domain", {})[ctx.domains[t]] = {
+            "sequences": len(self.buffer),
+            "per_domain": {ctx.domains[i]: held.get(i, 0) for i in range(t + 1)},
+            "seen_sequences": seen,
+            "share_of_seen": round(len(self.buffer) / seen, 6),
+        }
+        ctx.save_artifact("derpp.json", record)
+        log.info("derpp after %s: %d sequences, %.3f %% of the %d seen", ctx.domains[t],
+                 len(self.buffer), 100 * len(self.buffer) / seen, seen)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.buffer.state_dict()

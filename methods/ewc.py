@@ -1,12 +1,30 @@
-"""EWC (Kirkpatrick et al., 2017): a quadratic penalty weighted by the diagonal Fisher of L_mlm.
+"""EWC (Kirkpatrick et al., 2017): a quadratic penalty weighted by the diagonal Fisher of the loss.
 
-After each domain the empirical diagonal Fisher is estimated on at most `fisher_sequences`
-sequences of that domain's corpus: Σ_batches |B| · g_B² / sequences, as in the HAT authors'
-`fisher_matrix_diag` (the companion code divides by the number of batches instead, i.e. its
-Fisher is |B| times larger for the same λ). It is merged with the earlier ones:
-`mean` (the companion code: F_≤t = (F_t + t · F_≤t−1) / (t + 1)) or `sum`. While training
-domain t the loss is `L_mlm + λ/2 · Σ F_≤t−1 (θ − θ*)²`, θ* the weights at the start of domain
-t, i.e. the previous domain's checkpoint, so only the Fisher is saved with the checkpoint.
+While training domain t the loss is `L_mlm + λ/2 · Σ F_≤t−1 (θ − θ*)²`, θ* the weights at the
+start of domain t (the previous domain's checkpoint, so only the Fisher is saved with the
+checkpoint). After each domain a diagonal Fisher is estimated on `fisher_sequences` sequences
+of that domain's corpus in batches of `fisher_batch_size`, and merged with the earlier ones.
+
+`fisher_form: companion` (default) computes it as the companion code does (UIC-Liu-Lab/
+ContinualLM, commit 57e498c, `networks/baselines/ewc.py`):
+- l.30–50: per batch B, `g_B` is the gradient of the batch's loss, the model in train mode
+  (dropout on), and `F += |B| · g_B²`;
+- l.36 with `networks/posttrain/model.py` l.100–110: that loss is the model's training loss,
+  `L_mlm` **plus the EWC penalty** towards the previous domain (zero for the first domain);
+- l.52–54: the sum is divided by the **number of batches** (`len(train_dataloader_prune)`),
+  not of sequences, so F is about |B| times the per-sequence mean (λ = 5000 was tuned on it);
+- l.59–62: domains merge as a running mean, `F_≤t = (F_t + t · F_≤t−1) / (t + 1)` (the code
+  reads the domain index from `args.ft_task`, which its post-training script leaves unset,
+  config.py l.217; the evident intent, t = the domain index, is what runs here);
+- `posttrain.py` l.204–208: batches of 100 from the domain's first 10,000 sequences (here
+  `fisher_sequences` = 512 by default, drawn at random, to keep runs short: the division by
+  the number of batches makes F's scale independent of how many batches are drawn);
+- `utils/model.py` l.300–301: λ = 5000, the best of the authors' grid.
+
+`fisher_form: per-sequence` is the form this package ran before, as in the HAT authors'
+`fisher_matrix_diag`: the gradient of `L_mlm` alone, `Σ_B |B| · g_B²` divided by the number
+of sequences (with `fisher_batch_size: 0`, the DAP batch size, it reproduces the earlier rows).
+`merge: sum` adds the domains' Fishers instead of averaging them.
 """
 
 from __future__ import annotations
@@ -18,15 +36,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from methods import Method, knob, positive, register
+from methods import Method, knob, non_negative, positive, register
 from methods.modeling import mlm_forward
 
 
 @dataclass
 class Args:
     lam: float = 5000.0  # λ; the companion code's grid best
+    # "companion" (Σ|B|g²/batches, penalty in) or "per-sequence"
+    fisher_form: Literal["companion", "per-sequence"] = "companion"
     # sequences of each domain the Fisher is estimated on
     fisher_sequences: int = knob(512, check=positive)
+    # the companion code's 100; 0: the DAP batch size
+    fisher_batch_size: int = knob(100, check=non_negative)
     # how per-domain Fishers accumulate: "mean" (companion code) or "sum"
     merge: Literal["mean", "sum"] = "mean"
 
@@ -63,8 +85,11 @@ class EWC(Method):
         return self.args.lam / 2 * total
 
     def after_domain(self, ctx, t: int) -> None:
-        fresh = diagonal_fisher(ctx, ctx.corpus(t), self.args.fisher_sequences,
-                                seed=ctx.config.seed * 1009 + t)
+        companion = self.args.fisher_form == "companion"
+        fresh = diagonal_fisher(
+            ctx, ctx.corpus(t), self.args.fisher_sequences, seed=ctx.config.seed * 1009 + t,
+            batch_size=self.args.fisher_batch_size or ctx.config.dap_batch_size,
+            per_batch=companion, penalty=self.penalty if companion and self.fisher else None)
         if not self.fisher:
             self.fisher = fresh
         elif self.args.merge == "sum":
@@ -85,30 +110,38 @@ class EWC(Method):
                        if k.startswith("fisher.")}
 
 
-def diagonal_fisher(ctx, data, sequences: int, seed: int) -> dict[str, Tensor]:
-    """Empirical diagonal Fisher of L_mlm on at most `sequences` sequences of `data`.
+def diagonal_fisher(ctx, data, sequences: int, seed: int, batch_size: int | None = None,
+                    per_batch: bool = False, penalty=None) -> dict[str, Tensor]:
+    """Empirical diagonal Fisher `Σ_B |B| · g_B²` on batches of `data` covering `sequences`.
 
-    Dropout stays on, as in the companion code. The model's `.grad`s are cleared afterwards.
+    `g_B` is the gradient of the batch's `L_mlm` (plus `penalty(model)` when given), the model
+    in train mode (dropout on), as in the companion code. The sum is divided by the number of
+    batches (`per_batch`, the companion code) or of sequences. The `.grad`s are cleared after.
     """
     model = ctx.model
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    batch_size = ctx.config.dap_batch_size
+    batch_size = batch_size or ctx.config.dap_batch_size
     wanted = min(sequences, len(data))
     batches = ctx.mlm_batches(data, seed, batch_size)
     was_training = model.training
     model.train()
-    seen = 0
+    seen, count = 0, 0
     for _ in range(math.ceil(wanted / batch_size)):
         batch = next(batches)
         model.zero_grad(set_to_none=True)
-        mlm_forward(model, batch).loss.backward()
+        loss = mlm_forward(model, batch).loss
+        if penalty is not None:
+            loss = loss + penalty(model)
+        loss.backward()
         size = batch["input_ids"].shape[0]
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += size * p.grad.detach().pow(2)
         seen += size
+        count += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     reduce = ctx.accelerator.reduce
-    return {n: reduce(f / max(seen, 1), reduction="mean") for n, f in fisher.items()}
+    norm = max(count if per_batch else seen, 1)
+    return {n: reduce(f / norm, reduction="mean") for n, f in fisher.items()}

@@ -1,10 +1,12 @@
 """Parameter isolation: small named modules (one per domain, or one shared) on a frozen masked LM.
 
-Three kinds, each built with its ecosystem library and checkpointed in that library's own format:
-bottleneck adapters (AdapterHub `adapters`), LoRA and soft prompts (`peft`). A method picks a kind
-and whether it keeps a module per domain; `IsolationMethod` does the freezing, the switching
-between modules, the end-task encoder and the save/reload. The LM itself never changes during
-DAP-training; whether it is fine-tuned with the module on an end task is `ft_train_lm`.
+Three kinds: bottleneck adapters (AdapterHub `adapters`) and LoRA (`peft`), each built with its
+ecosystem library and checkpointed in that library's own format, and soft prompts appended after
+the real tokens (`SoftPrompts`, own code: peft can only prepend them, see its docstring). A
+method picks a kind and whether it keeps a module per domain; `IsolationMethod` does the
+freezing, the switching between modules, the end-task encoder and the save/reload. The LM itself
+never changes during DAP-training; whether it is fine-tuned with the module on an end task is
+`ft_train_lm`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import adapters
 import torch
+import torch.nn.functional as F
 from adapters import AdapterConfig
-from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutput
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+from methods import knob, positive
 from methods.base import Method
-from methods.modeling import encoder_of, mlm_head_of
+from methods.modeling import encoder_of
 
 if TYPE_CHECKING:
     from benchmark.context import Context
@@ -54,11 +58,12 @@ class LoraArgs:
 
 @dataclass
 class PromptArgs:
-    """syn6 texts are short (max_length 16), so a short prompt keeps inside syn-base's 64
-    positions."""
-
-    num_virtual_tokens: int = 10
-    prompt_init: str = "SAMPLE_VOCAB"  # peft PromptTuningInit: RANDOM | SAMPLE_VOCAB
+    # the companion code's 100 (DGA networks/roberta_model.py l.43, ContinualLM config.py
+    # l.286), cut to the positions max_length leaves free (48 on syn6: 64 − 16)
+    num_virtual_tokens: int = knob(100, check=positive)
+    # "uniform": U(−0.5, 0.5) as DGA networks/roberta_model.py l.47–51; "vocab": word embedding
+    # rows drawn at random (peft's SAMPLE_VOCAB, the earlier default)
+    prompt_init: Literal["uniform", "vocab"] = "uniform"
     ft_train_lm: bool = True
 
 
@@ -67,6 +72,15 @@ class Modules:
     """Named modules inside `model` (the masked LM the loop trains; a wrapper for prompts)."""
 
     model: nn.Module
+
+    @classmethod
+    def build(cls, ctx: Context, args, names: list[str]) -> Modules:
+        """The kind's modules on `ctx.model`, one per name."""
+        return cls(ctx.model, args, names)
+
+    def describe(self) -> dict[str, int]:
+        """Settings the kind chose at build time, for `artifacts/isolation.json`."""
+        return {}
 
     def activate(self, name: str) -> None:
         raise NotImplementedError
@@ -154,59 +168,129 @@ class LoraModules(PeftModules):
         return [p for n, p in self.model.named_parameters() if any(k in n for k in keys)]
 
 
-class PromptedEncoder(nn.Module):
-    """The encoder body run by peft prompt tuning, its output cut back to the real tokens.
+class SoftPrompts(nn.Module):
+    """One trainable prompt per name, appended after the real tokens of a stock encoder.
 
-    Position 0 of `last_hidden_state` is then the real first token ([CLS]), as the end-task head
-    and the masked-only MLM loss expect.
+    The companion code appends the prompt after the real tokens at DAP ("add at the end, I
+    don't want to affect the classification token": DGA `networks/prompt.py` l.64, ContinualLM
+    `networks/prompt/prompt.py` l.64), so the real tokens keep the positions 0…L−1 the base
+    model was trained on. peft's prompt tuning prepends the prompt and ignores `position_ids`,
+    which moves every real token p positions to the right (on syn6 the DAP loss then starts at
+    5.6 instead of 2.6); hence this small module instead of peft.
+
+    It works by forward hooks on the encoder (a stock `BertModel`, `RobertaModel`, ...), of
+    which it is a submodule, so the encoder stays the stock class: the MLM head, the end-task
+    head and `copy.deepcopy` see an ordinary encoder whose parameters include the prompts. On
+    each call the real tokens are padded to `width` (= `max_length`) and embedded by the word
+    embeddings, the active prompt is appended, the stock embedding layer adds positions (real
+    tokens 0…L−1, prompt `width`…`width`+p−1, as in the companion code where every sequence
+    is `max_length` long), and the output is cut back to the L real tokens. The real tokens
+    enter as word embeddings, as in ContinualLM `networks/prompt/tuning.py` l.26 and peft;
+    DGA's `cat_learned_embedding_to_input` (l.55) runs them through the whole embedding layer
+    before the model embeds them again (positions and LayerNorm twice), which is not kept.
     """
 
-    def __init__(self, peft_model: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, names: list[str], length: int, width: int,
+                 init: str) -> None:
         super().__init__()
-        self.peft = peft_model
-        self.config = peft_model.base_model.config
+        words = encoder.get_input_embeddings().weight
+        prompts = {}
+        for name in names:
+            if init == "uniform":  # DGA networks/roberta_model.py l.47–51
+                value = torch.empty(length, words.shape[1]).uniform_(-0.5, 0.5)
+            else:  # rows of the word embeddings drawn at random (peft's SAMPLE_VOCAB)
+                value = words[torch.randint(words.shape[0], (length,))].detach().clone()
+            prompts[name] = nn.Parameter(value.to(words.device))
+        self.prompts = nn.ParameterDict(prompts)
+        self.active = names[0]
+        self.width = width
+        self.pad_id = encoder.config.pad_token_id or 0
+        self._length = 0
+        encoder.soft_prompts = self  # a submodule: saved, copied and fine-tuned with the encoder
+        encoder.register_forward_pre_hook(self._append, with_kwargs=True)
+        encoder.register_forward_hook(self._cut)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                **_: object) -> BaseModelOutput:
-        config = self.peft.peft_config[self.peft.active_adapter]
-        prefix = config.num_virtual_tokens * config.num_transformer_submodules
-        limit = self.config.max_position_embeddings
-        if input_ids.shape[1] + prefix > limit:
-            raise ValueError(f"{input_ids.shape[1]} tokens + {prefix} virtual tokens exceed the "
-                             f"model's {limit} positions; lower max_length or num_virtual_tokens")
-        out = self.peft(input_ids=input_ids, attention_mask=attention_mask)
-        return BaseModelOutput(last_hidden_state=out.last_hidden_state[:, prefix:])
+    def _append(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            raise TypeError("an encoder with soft prompts takes keyword arguments only")
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise TypeError("an encoder with soft prompts needs input_ids")
+        batch, length = ids.shape
+        if length > self.width:
+            raise ValueError(f"{length} tokens exceed the {self.width} positions kept for real "
+                             "tokens before the prompt (max_length)")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        ids = F.pad(ids, (0, self.width - length), value=self.pad_id)
+        mask = F.pad(mask, (0, self.width - length), value=0)
+        words = encoder.get_input_embeddings()(ids)
+        prompt = self.prompts[self.active].to(words.dtype).expand(batch, -1, -1)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([words, prompt], dim=1)
+        kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(batch, prompt.shape[1])], 1)
+        self._length = length
+        return args, kwargs
+
+    def _cut(self, encoder: nn.Module, args: tuple, output):
+        if isinstance(output, tuple):
+            return (output[0][:, : self._length], *output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, : self._length]
+        return output
 
 
-class PromptedMaskedLM(nn.Module):
-    """A masked LM whose body is a `PromptedEncoder`: `base_model` and the LM head as usual."""
-
-    def __init__(self, encoder: PromptedEncoder, head: nn.Module, head_name: str, config) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head_name = head_name
-        setattr(self, head_name, head)
-        self.config = config
-
-    @property
-    def base_model(self) -> PromptedEncoder:
-        return self.encoder
+def usable_positions(encoder: nn.Module) -> int:
+    """How many positions the encoder's position embeddings cover (RoBERTa skips 0…pad)."""
+    offset = getattr(encoder.embeddings, "padding_idx", None)
+    return encoder.config.max_position_embeddings - (0 if offset is None else offset + 1)
 
 
-class PromptModules(PeftModules):
-    """Soft prompts (peft prompt tuning, feature extraction on the encoder body)."""
+class PromptModules(Modules):
+    """Soft prompts appended after the real tokens (`SoftPrompts`), one per name.
 
-    def __init__(self, model: nn.Module, args: PromptArgs, names: list[str]) -> None:
-        config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
-                                    num_virtual_tokens=args.num_virtual_tokens,
-                                    prompt_tuning_init=PromptTuningInit(args.prompt_init))
-        self._build(encoder_of(model), config, names)
-        head = mlm_head_of(model)
-        head_name = next(n for n, m in model.named_children() if m is head)
-        self.model = PromptedMaskedLM(PromptedEncoder(self.peft), head, head_name, model.config)
+    The length is `num_virtual_tokens` (the companion code's 100) where `max_length` leaves
+    room for it in the model's positions, else the largest that fits; `describe` reports it.
+    """
+
+    def __init__(self, model: nn.Module, args: PromptArgs, names: list[str],
+                 max_length: int) -> None:
+        encoder = encoder_of(model)
+        room = usable_positions(encoder) - max_length
+        if room < 1:
+            raise ValueError(f"prompt: max_length {max_length} leaves no position for a prompt "
+                             f"(the model has {usable_positions(encoder)})")
+        self.requested = args.num_virtual_tokens
+        self.length = min(args.num_virtual_tokens, room)
+        if self.length < self.requested:
+            log.info("prompt: %d virtual tokens instead of %d (%d positions, max_length %d)",
+                     self.length, self.requested, usable_positions(encoder), max_length)
+        self.prompts = SoftPrompts(encoder, names, self.length, max_length, args.prompt_init)
+        self.model = model
+
+    @classmethod
+    def build(cls, ctx: Context, args: PromptArgs, names: list[str]) -> Modules:
+        return cls(ctx.model, args, names, ctx.config.max_length)
+
+    def describe(self) -> dict[str, int]:
+        return {"num_virtual_tokens": self.length, "requested_virtual_tokens": self.requested,
+                "real_token_positions": self.prompts.width}
+
+    def activate(self, name: str) -> None:
+        self.prompts.active = name
 
     def parameters(self, name: str) -> list[nn.Parameter]:
-        return list(self.peft.prompt_encoder[name].parameters())
+        return [self.prompts.prompts[name]]
+
+    def save(self, directory: Path, names: list[str]) -> None:
+        for name in names:
+            save_file({"prompt": self.prompts.prompts[name].detach().cpu().contiguous()},
+                      str(directory / f"{name}.safetensors"))
+
+    def load(self, directory: Path, names: list[str]) -> None:
+        with torch.no_grad():
+            for name in names:
+                value = load_file(str(directory / f"{name}.safetensors"))["prompt"]
+                self.prompts.prompts[name].copy_(value)
 
 
 KINDS: dict[str, type[Modules]] = {
@@ -236,14 +320,14 @@ class IsolationMethod(Method):
         self.names = list(ctx.domains) if self.per_domain else [SHARED]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.config.seed)
-            self.modules = KINDS[self.kind](ctx.model, self.args, self.names)
+            self.modules = KINDS[self.kind].build(ctx, self.args, self.names)
         ctx.model = self.modules.model
         module = count(self.modules.parameters(self.names[0]))
         lm = count([p for p in ctx.model.parameters()]) - module * len(self.names)
         log.info("%s: %d trainable parameters per DAP domain (%d modules, LM %d frozen)",
                  self.name, module, len(self.names), lm)
         info = {"kind": self.kind, "modules": self.names, "module_parameters": module,
-                "lm_parameters": lm}
+                "lm_parameters": lm, **self.modules.describe()}
         ctx.save_artifact("isolation.json", info)
 
     def train_only(self, ctx: Context, name: str) -> None:

@@ -1,7 +1,10 @@
-"""`prompt-one` (DAP-Prompt): a soft prompt per domain (peft prompt tuning), LM frozen.
+"""`prompt-one` (DAP-Prompt): a soft prompt per domain appended after the real tokens, LM frozen.
 
-End task i runs with prompt i prepended; the encoder drops the virtual tokens' states, so the
-end-task head still reads the real first token. Needs the domain ID at end-task time.
+End task i runs with prompt i after its real tokens, which keep positions 0…L−1; the encoder
+returns the real tokens' states only, so the end-task head reads the real first token. The
+prompt follows the companion code (DGA `networks/prompt.py` l.64 and `networks/roberta_model.py`
+l.43–51: appended, 100 tokens, U(−0.5, 0.5)); see `methods.isolation.SoftPrompts`. Needs the
+domain ID at end-task time.
 """
 
 from methods import register
@@ -10,7 +13,7 @@ from methods.isolation import IsolationMethod, PromptArgs
 
 @register("prompt-one")
 class PromptOne(IsolationMethod):
-    """A soft prompt per domain (peft prompt tuning), LM frozen; task i uses prompt i."""
+    """A soft prompt per domain appended after the real tokens, LM frozen; task i uses prompt i."""
 
     Args = PromptArgs
     kind = "prompt"

@@ -1,6 +1,7 @@
 """Parameter isolation (adapters, prompts, LoRA, DEMix): the LM stays θ0, each module is its own."""
 
 import copy
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -125,11 +126,14 @@ def test_end_task_encoder_uses_module_i_and_trains_what_the_config_says(tmp_path
 
 def test_too_long_input_with_prompt_fails_clearly(tmp_path):
     ctx = make_ctx(tmp_path)
-    method = build_method("prompt-one", {"num_virtual_tokens": 60})
+    method = build_method("prompt-one")
     method.setup(ctx)
-    ids = torch.full((1, 10), 5)
-    with pytest.raises(ValueError, match="virtual tokens exceed"):
+    ids = torch.full((1, 17), 5)  # max_length is 16
+    with pytest.raises(ValueError, match="17 tokens exceed the 16 positions"):
         method.modules.encoder()(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ctx.config = dataclasses.replace(ctx.config, max_length=64)  # 64 positions: none left
+    with pytest.raises(ValueError, match="max_length 64 leaves no position for a prompt"):
+        build_method("prompt-one").setup(ctx)
 
 
 @pytest.mark.parametrize("good", [0, 1])
@@ -175,7 +179,7 @@ def test_demix_mixture_needs_no_domain_id_and_weights_experts_per_input(tmp_path
 
 @pytest.mark.parametrize("name,files", [
     ("adapter-one", ["adapter/d1/adapter_config.json", "adapter/d1/adapter.safetensors"]),
-    ("prompt-one", ["prompt/d1/adapter_config.json", "prompt/d1/adapter_model.safetensors"]),
+    ("prompt-one", ["prompt/d1.safetensors"]),
     ("ncl-lora", ["lora/shared/adapter_config.json", "lora/shared/adapter_model.safetensors"]),
 ])
 def test_modules_are_saved_in_the_library_format_and_reload(tmp_path, name, files):

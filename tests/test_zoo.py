@@ -88,7 +88,8 @@ def test_ewc_penalty_zero_at_anchor_and_quadratic_away_from_it(ctx):
 
 @pytest.mark.parametrize("merge", ["sum", "mean"])
 def test_ewc_fisher_is_non_negative_and_accumulates_across_domains(ctx, tmp_path, merge):
-    ewc = build_method("ewc", {"fisher_sequences": 32, "merge": merge})
+    ewc = build_method("ewc", {"fisher_sequences": 32, "merge": merge,
+                               "fisher_form": "per-sequence", "fisher_batch_size": 0})
     ewc.setup(ctx)
     ewc.after_domain(ctx, 0)
     first = {n: f.clone() for n, f in ewc.fisher.items()}
@@ -133,7 +134,8 @@ def test_reservoir_stores_each_example_whole_when_a_batch_draws_a_slot_twice():
 
 
 def test_derpp_buffer_is_bounded_and_replay_is_zero_for_an_unchanged_model(ctx, tmp_path):
-    derpp = build_method("derpp", {"buffer_size": 24, "beta": 0.0, "alpha": 1.0})
+    derpp = build_method("derpp", {"buffer_size": 24, "beta": 0.0, "alpha": 1.0,
+                                   "fill": "stream"})
     derpp.setup(ctx)
     for t in (0, 1):
         ctx.t = t
@@ -157,23 +159,31 @@ def test_derpp_buffer_is_bounded_and_replay_is_zero_for_an_unchanged_model(ctx, 
 
 
 def test_derpp_rejects_an_unknown_target():
-    with pytest.raises(ValueError, match="derpp: target must be one of"):
+    with pytest.raises(ValueError, match="method 'derpp': target must be one of"):
         build_method("derpp", {"target": "attention"})
 
 
 # -- KD ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["hidden", "logits"])
-def test_kd_term_is_zero_when_student_and_teacher_share_weights(ctx, target):
-    kd = build_method("kd", {"target": target})
+@pytest.mark.parametrize("form,target", [("sequence", "hidden"), ("token", "hidden"),
+                                         ("token", "logits")])
+def test_kd_term_is_zero_when_student_and_teacher_share_weights(ctx, form, target):
+    kd = build_method("kd", {"form": form, "target": target})
     kd.setup(ctx)
     batch = next(ctx.mlm_batches(ctx.corpus(0), seed=0))
     outputs = mlm_forward(ctx.model, batch)
-    assert kd.loss(ctx, batch, outputs) is outputs.loss  # no teacher for the first domain
-    kd.before_domain(ctx, 1)
-    assert kd.distillation(ctx.model, batch, outputs.hidden).item() == pytest.approx(0, abs=1e-7)
+    kd.before_domain(ctx, 0)
+    if form == "token":
+        assert kd.loss(ctx, batch, outputs) is outputs.loss  # no teacher for the first domain
+        kd.before_domain(ctx, 1)
+
+    def term():
+        if form == "sequence":
+            return kd.sequence_distillation(ctx.model, batch)
+        return kd.distillation(ctx.model, batch, mlm_forward(ctx.model, batch).hidden)
+
+    assert term().item() == pytest.approx(0, abs=1e-7)
     train_steps(ctx, kd, 1)
-    outputs = mlm_forward(ctx.model, batch)
-    assert kd.distillation(ctx.model, batch, outputs.hidden).item() > 1e-4
+    assert term().item() > 1e-4
     assert all(not p.requires_grad for p in kd.teacher.parameters())
 
 

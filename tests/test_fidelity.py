@@ -1,0 +1,320 @@
+"""The zoo's baselines against the companion code: each test recomputes the reference's loss,
+Fisher or buffer literally (plain torch on a small model) and compares it with the method's."""
+
+import dataclasses
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+)
+
+from benchmark.basemodel import word_tokenizer
+from benchmark.config import build_config
+from benchmark.context import Context
+from benchmark.training import task_model
+from methods import build_method
+from methods.modeling import encoder_of, mlm_forward
+
+
+def small_bert(vocab: int, dropout: float = 0.0) -> BertForMaskedLM:
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout))
+
+
+@pytest.fixture
+def ctx(tiny_suite, tmp_path):
+    """The tiny suite, a dropout-free small BERT (so passes are deterministic), max_length 16."""
+    tokenizer = word_tokenizer(tiny_suite.vocabulary)
+    model = small_bert(len(tokenizer))
+    cfg = build_config(tiny_suite.defaults, {"method": "ncl"})
+    return Context(config=cfg, suite=tiny_suite, domains=tiny_suite.order(0), model=model,
+                   tokenizer=tokenizer, accelerator=Accelerator(cpu=True), run_dir=tmp_path)
+
+
+def train_steps(ctx, method, t: int, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few DAP steps on domain t through the method's hooks, like `dap_train`."""
+    ctx.t, ctx.total_steps = t, steps
+    params = method.parameters(ctx)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    batches = ctx.mlm_batches(ctx.corpus(t), seed=100 + t)
+    for step in range(steps):
+        ctx.step = step
+        batch = next(batches)
+        method.loss(ctx, batch, method.forward(ctx, ctx.model, batch)).backward()
+        method.after_backward(ctx)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# -- 1. KD ------------------------------------------------------------------------------------
+def companion_distill(model, teacher, ids, mask, temperature: float = 1.0) -> torch.Tensor:
+    """networks/posttrain/model.py l.89–95 with utils/model.py DistillKL, written out."""
+    student_ori = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    teacher_ori = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    y_s, y_t = teacher_ori.hidden_states[-1], student_ori.hidden_states[-1]  # its call order
+    p_s = F.log_softmax(y_s / temperature, dim=1)
+    p_t = F.softmax(y_t / temperature, dim=1)
+    return F.kl_div(p_s, p_t, reduction="sum") * temperature**2 / y_s.shape[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_is_the_companion_distillation_on_the_unmasked_input(ctx, temperature):
+    kd = build_method("kd", {"temperature": temperature})
+    theta0 = weights(ctx.model)
+    kd.before_domain(ctx, 0)
+    # the teacher of the first domain is θ0, with dropout on and no gradient
+    assert kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights(kd.teacher), theta0, strict=True))
+    train_steps(ctx, kd, 0)
+    batch = next(ctx.mlm_batches(ctx.corpus(0), seed=7))
+    # an unpadded batch (the companion code's chunks have no padding): the formula as written
+    width = int(batch["attention_mask"].sum(1).min())
+    clean = {"clean_input_ids": batch["clean_input_ids"][:, :width],
+             "attention_mask": torch.ones_like(batch["clean_input_ids"][:, :width])}
+    ours = kd.sequence_distillation(ctx.model, clean)
+    reference = companion_distill(ctx.model, kd.teacher, clean["clean_input_ids"],
+                                  clean["attention_mask"], temperature)
+    assert ours.item() > 1e-4
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    ours_grad = torch.autograd.grad(ours, list(ctx.model.parameters()), allow_unused=True)
+    ref_grad = torch.autograd.grad(reference, list(ctx.model.parameters()), allow_unused=True)
+    for a, b in zip(ours_grad, ref_grad, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    # a padded batch: the mean over its sequences of each one's loss alone, unpadded
+    ours = kd.sequence_distillation(ctx.model, batch)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1
+    alone = [companion_distill(ctx.model, kd.teacher, ids[None, :n], torch.ones(1, n).long(),
+                               temperature)
+             for ids, n in zip(batch["clean_input_ids"], lengths, strict=True)]
+    torch.testing.assert_close(ours, torch.stack(alone).mean(), rtol=1e-4, atol=1e-6)
+    # the loss the loop sees: L_mlm on the masked input + the term on the unmasked one
+    outputs = mlm_forward(ctx.model, batch)
+    torch.testing.assert_close(kd.loss(ctx, batch, outputs), outputs.loss + ours)
+
+
+def test_kd_teacher_is_the_previous_domains_model_and_the_token_form_stays(ctx):
+    kd = build_method("kd")
+    kd.before_domain(ctx, 0)
+    train_steps(ctx, kd, 0)
+    kd.after_domain(ctx, 0)
+    end_of_0 = weights(ctx.model)
+    kd.before_domain(ctx, 1)
+    assert all(torch.equal(a, b) for a, b in zip(weights(kd.teacher), end_of_0, strict=True))
+    token = build_method("kd", {"form": "token"})
+    token.before_domain(ctx, 0)
+    assert token.teacher is None  # the earlier form: no teacher on the first domain
+    token.before_domain(ctx, 1)
+    assert not token.teacher.training
+    with pytest.raises(ValueError, match="target 'logits' needs form 'token'"):
+        build_method("kd", {"target": "logits"})
+
+
+# -- 2. EWC -----------------------------------------------------------------------------------
+def companion_fisher(model, batches, n_batches: int, self_fisher=None, teacher=None,
+                     lamb: float = 5000.0) -> dict[str, torch.Tensor]:
+    """networks/baselines/ewc.py l.24–62 with the EWC penalty of posttrain/model.py l.100–110."""
+    names = [n for n, _ in model.named_parameters()]
+    fisher = {n: 0 * p.data for n, p in model.named_parameters()}
+    model.train()
+    for _ in range(n_batches):
+        inputs = next(batches)
+        model.zero_grad()
+        sbatch = inputs["input_ids"].size(0)
+        loss = mlm_forward(model, inputs).loss
+        if self_fisher is not None:
+            loss_reg = 0
+            for (name, param), param_old in zip(model.named_parameters(), teacher, strict=True):
+                loss_reg += torch.sum(self_fisher[name] * (param_old - param).pow(2)) / 2
+            loss = loss + lamb * loss_reg
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                fisher[n] += sbatch * p.grad.data.pow(2)
+    for n in names:
+        fisher[n] = fisher[n] / n_batches
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+def test_ewc_fisher_is_the_companion_fisher_with_penalty_and_running_mean(ctx):
+    ewc = build_method("ewc", {"fisher_sequences": 48, "fisher_batch_size": 16})
+    ewc.setup(ctx)
+    seed = ctx.config.seed * 1009
+    reference0 = companion_fisher(ctx.model, ctx.mlm_batches(ctx.corpus(0), seed, 16), 3)
+    ewc.after_domain(ctx, 0)
+    for name, value in reference0.items():
+        torch.testing.assert_close(ewc.fisher[name], value)
+    ewc.before_domain(ctx, 1)
+    anchor = weights(ctx.model)
+    train_steps(ctx, ewc, 1)
+    fresh = companion_fisher(ctx.model, ctx.mlm_batches(ctx.corpus(1), seed + 1, 16), 3,
+                             self_fisher=reference0, teacher=anchor)
+    without = companion_fisher(ctx.model, ctx.mlm_batches(ctx.corpus(1), seed + 1, 16), 3)
+    ewc.after_domain(ctx, 1)
+    changed = 0
+    for name, value in fresh.items():
+        merged = (value + reference0[name] * 1) / (1 + 1)  # ewc.py l.62 with t = 1
+        torch.testing.assert_close(ewc.fisher[name], merged, rtol=1e-4, atol=1e-9)
+        changed += not torch.allclose(value, without[name], rtol=1e-3)
+    assert changed  # the penalty's gradient is part of the companion Fisher
+
+
+def test_ewc_per_sequence_form_divides_by_sequences(ctx):
+    ewc = build_method("ewc", {"fisher_sequences": 48, "fisher_batch_size": 16,
+                               "fisher_form": "per-sequence"})
+    ewc.setup(ctx)
+    seed = ctx.config.seed * 1009
+    reference = companion_fisher(ctx.model, ctx.mlm_batches(ctx.corpus(0), seed, 16), 3)
+    ewc.after_domain(ctx, 0)
+    for name, value in reference.items():  # 3 batches of 16: Σ|B|g² / 48 = reference / 16
+        torch.testing.assert_close(ewc.fisher[name], value / 16)
+
+
+# -- 3. prompts -------------------------------------------------------------------------------
+@contextmanager
+def without_hooks(module):
+    """Run `module` as the stock class, its forward hooks set aside."""
+    pre, post = dict(module._forward_pre_hooks), dict(module._forward_hooks)
+    module._forward_pre_hooks.clear()
+    module._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        module._forward_pre_hooks.update(pre)
+        module._forward_hooks.update(post)
+
+
+def test_prompt_is_appended_after_the_real_tokens_at_their_own_positions(ctx):
+    method = build_method("prompt-one")
+    method.setup(ctx)
+    info = json.loads((ctx.artifacts_dir / "isolation.json").read_text())
+    assert info["num_virtual_tokens"] == 48  # 64 positions − max_length 16; 100 do not fit
+    assert info["requested_virtual_tokens"] == 100
+    encoder = encoder_of(ctx.model)
+    prompt = method.modules.parameters(ctx.domains[0])[0]
+    assert prompt.shape == (48, 32) and float(prompt.detach().abs().max()) <= 0.5  # U(−0.5, 0.5)
+    batch = next(ctx.mlm_batches(ctx.corpus(0), seed=3))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = []
+    handle = encoder.embeddings.position_embeddings.register_forward_hook(
+        lambda module, args, out: positions.append(args[0]))
+    ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    handle.remove()
+    assert ours.shape == (*ids.shape, 32)
+    # real tokens at 0…L−1 (padded to max_length 16), the prompt at 16…63 after them
+    assert torch.equal(positions[0].flatten(), torch.arange(16 + 48))
+    # DGA networks/prompt.py l.64: [X; P], here X the word embeddings of the real tokens
+    # (ContinualLM networks/prompt/tuning.py l.26), padded to max_length, P the prompt
+    padded = F.pad(ids, (0, 16 - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
+    embeds = torch.cat([encoder.embeddings.word_embeddings(padded),
+                        prompt.expand(ids.shape[0], -1, -1)], dim=1)
+    full_mask = torch.cat([F.pad(mask, (0, 16 - ids.shape[1])),
+                           torch.ones(ids.shape[0], 48, dtype=mask.dtype)], dim=1)
+    with without_hooks(encoder):
+        reference = encoder(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+    torch.testing.assert_close(ours, reference[:, : ids.shape[1]])
+
+
+def test_prompt_length_is_the_companion_100_where_max_length_leaves_room(ctx):
+    ctx.model = BertForMaskedLM(BertConfig(
+        vocab_size=len(ctx.tokenizer), hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, max_position_embeddings=128))
+    method = build_method("prompt-one")
+    method.setup(ctx)
+    assert method.modules.describe()["num_virtual_tokens"] == 100
+    ctx.config = dataclasses.replace(ctx.config, max_length=100)
+    roberta = RobertaForMaskedLM(RobertaConfig(
+        vocab_size=len(ctx.tokenizer), hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, max_position_embeddings=130,
+        pad_token_id=0))
+    ctx.model = roberta
+    method = build_method("prompt-one")
+    method.setup(ctx)  # RoBERTa's positions start after the padding index: 130 − 1 − 100
+    assert method.modules.describe()["num_virtual_tokens"] == 29
+
+
+# -- 4. DER++ ---------------------------------------------------------------------------------
+def test_derpp_fills_after_each_domain_from_its_final_model(ctx):
+    derpp = build_method("derpp", {"buffer_share": 0.05})
+    derpp.setup(ctx)
+    sizes = [len(ctx.corpus(t)) for t in range(len(ctx.domains))]
+    assert derpp.buffer.size == round(0.05 * sum(sizes))
+    train_steps(ctx, derpp, 0)
+    assert len(derpp.buffer) == 0  # nothing of the domain being trained
+    derpp.after_domain(ctx, 0)
+    assert len(derpp.buffer) == derpp.buffer.size
+    assert set(derpp.buffer.data["domain"].tolist()) == {0}
+    # the stored targets are the final model's last hidden states on the stored masked input
+    # (memory.py add_from_loader l.127–136: `model(batch).hidden_states[-1]`)
+    stored = derpp.buffer.data
+    output = ctx.model(input_ids=stored["input_ids"], attention_mask=stored["attention_mask"],
+                       output_hidden_states=True)
+    valid = stored["attention_mask"].bool()
+    torch.testing.assert_close(stored["target"][valid], output.hidden_states[-1][valid])
+    assert (stored["labels"][valid] != -100).any()  # masked inputs with their MLM labels
+    before = {k: v.clone() for k, v in stored.items()}
+    train_steps(ctx, derpp, 1)  # domain 1 replays domain 0 and adds nothing
+    assert all(torch.equal(before[k], v) for k, v in derpp.buffer.data.items())
+    derpp.after_domain(ctx, 1)
+    held = derpp.buffer.data["domain"].tolist()
+    assert set(held) == {0, 1} and 0.3 < held.count(1) / len(held) < 0.7
+    record = json.loads((ctx.artifacts_dir / "derpp.json").read_text())
+    after = record["after_domain"][ctx.domains[1]]
+    assert record["buffer_size"] == derpp.buffer.size
+    assert after["seen_sequences"] == sizes[0] + sizes[1]
+    assert after["share_of_seen"] == pytest.approx(len(held) / (sizes[0] + sizes[1]), abs=1e-6)
+    assert sum(after["per_domain"].values()) == len(held)
+
+
+def test_derpp_stream_form_stores_while_training(ctx):
+    derpp = build_method("derpp", {"fill": "stream", "buffer_size": 24})
+    derpp.setup(ctx)
+    train_steps(ctx, derpp, 0)
+    assert len(derpp.buffer) == 24 and set(derpp.buffer.data["domain"].tolist()) == {0}
+
+
+# -- 6. the end-task head -------------------------------------------------------------------
+def test_end_task_model_is_the_stock_bert_head_on_the_shared_encoder(ctx):
+    encoder = encoder_of(ctx.model)
+    model = task_model(encoder, num_labels=3).eval()
+    assert isinstance(model, BertForSequenceClassification)
+    assert model.bert.encoder is encoder  # the DAP-trained encoder itself, not a copy
+    batch = next(ctx.mlm_batches(ctx.corpus(0), seed=0))
+    ids, mask = batch["clean_input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = torch.tanh(model.bert.pooler.dense(hidden[:, 0]))  # BertPooler on [CLS]
+    torch.testing.assert_close(logits, model.classifier(pooled))
+
+
+def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
+    torch.manual_seed(0)
+    lm = RobertaForMaskedLM(RobertaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=40, pad_token_id=1))
+    model = task_model(lm.roberta, num_labels=4).eval()
+    assert isinstance(model, RobertaForSequenceClassification)
+    ids = torch.randint(3, 40, (2, 6))
+    hidden = lm.roberta(input_ids=ids).last_hidden_state
+    head = model.classifier  # RobertaClassificationHead: dense + tanh + out_proj on <s>
+    expected = head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
