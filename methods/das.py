@@ -6,6 +6,43 @@ parameter gradients are scaled by (1 − I_≤t−1); the MLM loss is joined by 
 contrasts the full model's representation with the "previous knowledge" model (every unit
 multiplied by its importance). After domain t, the MLM loss gives the domain's importance,
 accumulated by element-wise max. The arguments express the paper's ablations (RQ3–RQ5).
+
+DAS as published vs as released. The authors' companion code (GitHub UIC-Liu-Lab/ContinualLM,
+commit 57e498c) differs from the method as the paper and ../shared/spec/METHODS.md describe it in
+seven places; each is an argument here whose default is the published form, so any mix runs
+(the preset `das-companion` sets all seven, clipping through the run config's `max_grad_norm: 0`):
+
+1. `contrast_pairs`: "dropout" (the paper: the positive is a second dropout view of the same
+   sequence) or "companion": the clean batch tiled with `repeat(2, 1)` and its last hidden states
+   viewed as `(-1, 2, L, H)` pair rows (2i, 2i+1) of the tiled batch, then passed positionally to
+   `sequence_level_contrast(z2, z1, z3)` (`networks/posttrain/model.py` l.199-222,
+   `networks/baselines/simcse.py` l.123-171): the anchor is x_(2i+1 mod B) and its "positive"
+   x_(2i mod B), a different sequence. τ 0.05, no projection, gated view as extra negatives,
+   weight 1 from the first domain on (`approaches/compute_gradient.py` l.30-32) are as here.
+   The companion code's mean runs over all positions (`torch.mean(z, dim=1)`); its 164-token
+   chunks have no padding, so this project's mean over non-padding tokens is the same there.
+2. `kl_proxy`: "dropout" (the paper: the model against itself under two dropout masks, clean
+   input) or "companion" (`approaches/before_posttrain.py` l.62-71, `networks/posttrain/model.py`
+   l.53-66, `utils/model.py` l.210-222 `DistillKL`): the model stays in eval mode (set by
+   `from_pretrained`; `softmask.py` l.70 keeps `model.train()` commented out), the student and
+   a frozen copy of θ0 both see the *masked* input with the same gates, loss
+   `kl_div(log_softmax(teacher, 1), softmax(student, 1), sum) / B` over dimension 1 of [B, L, H]
+   (the token axis; `kd_loss(teacher, student)` binds y_s to the teacher). Measured here: when
+   student and teacher are the same θ0 in eval mode, this loss is 0 up to rounding and so is its
+   gradient (~1e-10 against ~1e-3 with dropout on), so the normalised "general importance" is
+   the per-layer z-score of rounding noise.
+3. `importance_form`: "abs" (the paper), "signed", or "companion-cumulative" (see
+   `methods.gates.gate_gradients`; `networks/baselines/softmask.py` l.77-98).
+4. `domain_importance_input`: "masked" (the paper: the MLM loss of the masked input) or
+   "unmasked": the MLM loss on the clean input ids with the MLM labels (`approaches/
+   after_posttrain.py` l.54-58, `networks/posttrain/model.py` l.68-74); it applies to every MLM
+   importance pass (the domain's, and `general_importance: mlm`, the companion's `before_mlm`).
+5. `intermediate_gate`: "post" (the paper) or "pre" (`networks/transformers/roberta.py`
+   l.195-200, see `methods.gates.UnitGates`).
+6. `qkv_softmask`: "rows" (the paper) or "companion" (`networks/baselines/softmask.py`
+   l.183-197, see `methods.gates.softmask_gradients`).
+7. Gradient clipping: the run config's `max_grad_norm` (0 turns it off); the companion code
+   never clips (`approaches/update_model.py` l.15-19 steps right after backward and masking).
 """
 
 from __future__ import annotations
@@ -42,8 +79,8 @@ class Args:
     units: list[Kind] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
     softmask: bool = True  # RQ3: false = no soft-masking
     softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
-    # abs: mean |∂L/∂g| (paper); signed: companion code's sum
-    importance_form: Literal["abs", "signed"] = "abs"
+    # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative (see gates.gate_gradients)
+    importance_form: Literal["abs", "signed", "companion-cumulative"] = "abs"
     # none | permute (RQ3 random) | binary (RQ3 hard mask)
     importance_transform: Literal["none", "permute", "binary"] = "none"
     hard_threshold: float = 0.5
@@ -53,7 +90,24 @@ class Args:
     contrast_weight: float = 1.0
     temperature: float = knob(0.05, check=positive)
     gated_view_grad: bool = True  # false: a faster variant with a detached gated view
+    # as published (default) vs as released in the companion code; see the module docstring
+    # dropout: x with itself | companion: x_2i+1 with x_2i
+    contrast_pairs: Literal["dropout", "companion"] = "dropout"
+    # dropout: two dropout views | companion: against θ0, eval mode, masked input
+    kl_proxy: Literal["dropout", "companion"] = "dropout"
+    domain_importance_input: Literal["masked", "unmasked"] = "masked"  # unmasked: companion
+    intermediate_gate: Literal["post", "pre"] = "post"  # pre: before the activation (companion)
+    # rows: a head's Q/K/V rows | companion: Q/K/V columns and the attention-output bias
+    qkv_softmask: Literal["rows", "companion"] = "rows"
 
+
+
+def companion_kl_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """The companion code's KL proxy on last hidden states [B, L, H] (`utils/model.py` l.217-222,
+    called as `kd_loss(teacher, student)` in `networks/posttrain/model.py` l.66): softmax over
+    dimension 1 (the token axis), KL(student ‖ teacher) summed and divided by B."""
+    return F.kl_div(F.log_softmax(teacher, dim=1), F.softmax(student, dim=1),
+                    reduction="sum") / teacher.shape[0]
 
 
 def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
@@ -71,7 +125,7 @@ class DAS(Method):
     Args = Args
 
     def setup(self, ctx) -> None:
-        self.gates = UnitGates(ctx.model)
+        self.gates = UnitGates(ctx.model, intermediate=self.args.intermediate_gate)
         self.general: Importance | None = None
         self.importance: Importance | None = None  # I_≤t, accumulated
         self._history: list[int] = []  # domains whose importance is accumulated
@@ -80,7 +134,10 @@ class DAS(Method):
     def _compute(self, ctx, data, loss_kind: str, seed: int) -> Importance:
         model = ctx.model
         was_training = model.training
-        model.train()  # dropout on: in eval mode the KL proxy's gradient is exactly zero
+        companion_kl = loss_kind == "kl" and self.args.kl_proxy == "companion"
+        # dropout on: in eval mode the paper's KL proxy has exactly zero gradient; the companion
+        # code's KL proxy runs in eval mode (see the module docstring, item 2)
+        model.train(not companion_kl)
         batches = islice(ctx.mlm_batches(data, seed), ctx.config.importance_batches)
 
         def kl_proxy(batch: dict[str, Tensor]) -> Tensor:
@@ -91,11 +148,25 @@ class DAS(Method):
             return F.kl_div(F.log_softmax(z2, -1), F.log_softmax(z1, -1), log_target=True,
                             reduction="batchmean")
 
+        teacher = teacher_gates = None
+        if companion_kl:
+            teacher = ctx.base_model().eval().requires_grad_(False)
+            teacher_gates = UnitGates(teacher, intermediate=self.args.intermediate_gate)
+
+        def kl_companion(batch: dict[str, Tensor]) -> Tensor:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            student = encoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+            with teacher_gates.applied(self.gates.values):  # the same gates, with gradient
+                fixed = encoder_of(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state
+            return companion_kl_loss(student, fixed)
+
         def mlm(batch: dict[str, Tensor]) -> Tensor:
+            if self.args.domain_importance_input == "unmasked":
+                batch = {**batch, "input_ids": batch["clean_input_ids"]}
             return mlm_forward(model, batch).loss
 
-        raw = gate_gradients(self.gates, kl_proxy if loss_kind == "kl" else mlm, batches,
-                             signed=self.args.importance_form == "signed")
+        loss_fn = (kl_companion if companion_kl else kl_proxy) if loss_kind == "kl" else mlm
+        raw = gate_gradients(self.gates, loss_fn, batches, form=self.args.importance_form)
         model.train(was_training)
         for kind, values in raw.items():
             if not torch.isfinite(values).all() or not values.abs().sum() > 0:
@@ -186,15 +257,20 @@ class DAS(Method):
         if "views" not in outputs.extra:
             return outputs.loss
         z = outputs.extra["views"]
-        if self.args.contrast == "past-only":  # previous-knowledge views only (SimCSE-like)
-            contrast = info_nce(z[0], z[1], z[1][:0], self.args.temperature)
-        else:  # anchor full_i, positive full'_i, negatives full'_j (j≠i) and all gated_j
-            contrast = info_nce(z[0], z[1], z[2], self.args.temperature)
+        # anchor view_i, positive view'_i, negatives view'_j (j≠i) and (full) all gated_j
+        anchor, positive = z[0], z[1]
+        if self.args.contrast_pairs == "companion":  # rows (2i, 2i+1) of [x; x] are a pair
+            tiled = torch.cat([z[0], z[1]])
+            anchor, positive = tiled[1::2], tiled[0::2]
+        # past-only: previous-knowledge views only (SimCSE-like), no extra negatives
+        negatives = z[1][:0] if self.args.contrast == "past-only" else z[2]
+        contrast = info_nce(anchor, positive, negatives, self.args.temperature)
         return outputs.loss + self.args.contrast_weight * contrast
 
     def after_backward(self, ctx) -> None:
         if self.args.softmask:
-            softmask_gradients(self.gates, self._mask, self.args.softmask_units)
+            softmask_gradients(self.gates, self._mask, self.args.softmask_units,
+                               qkv=self.args.qkv_softmask)
 
     def after_domain(self, ctx, t: int) -> None:
         domain = self._compute(ctx, ctx.corpus(t), "mlm", ctx.config.seed + 100 + t)

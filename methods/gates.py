@@ -3,7 +3,9 @@
 A *unit* is an attention head, an FFN intermediate neuron or an FFN output neuron of a layer.
 `UnitGates` attaches forward hooks (no forked model code) that multiply each unit by a gate:
 - head h: its slice of the context vector, before the attention-output projection;
-- intermediate neuron j: its activation;
+- intermediate neuron j: its activation (`intermediate="post"`, the paper), or its pre-activation,
+  the FFN intermediate dense output before the activation (`intermediate="pre"`, as the companion
+  code gates it: ContinualLM 57e498c `networks/transformers/roberta.py` l.195-200);
 - output neuron k: its value after the FFN output projection, before dropout/residual/LayerNorm.
 Hooks do nothing unless gate values are set with `gates.applied(values)`, so a gated model with
 no values set is exactly the stock model. DAS, DGA, HAT and the ablations all use this module.
@@ -20,6 +22,9 @@ from torch import Tensor, nn
 from methods.modeling import encoder_of
 
 KINDS = ("head", "intermediate", "output")
+PLACEMENTS = ("post", "pre")  # where an intermediate neuron's gate sits: after / before the act.
+FORMS = ("abs", "signed", "companion-cumulative")  # how gate gradients are aggregated
+QKV = ("rows", "companion")  # how a head's importance soft-masks the attention weights
 Importance = dict[str, Tensor]  # kind -> [layers, units]
 
 
@@ -35,7 +40,10 @@ def transformer_layers(model: nn.Module) -> list[nn.Module]:
 class UnitGates:
     """Forward hooks that multiply every unit of `model` by a gate value when values are set."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, intermediate: str = "post") -> None:
+        if intermediate not in PLACEMENTS:
+            raise ValueError(f"intermediate gate placement must be one of {PLACEMENTS}, "
+                             f"got {intermediate!r}")
         self.layers = transformer_layers(model)
         first = self.layers[0]
         self.heads = first.attention.self.num_attention_heads
@@ -48,9 +56,10 @@ class UnitGates:
         self.values: Importance | None = None
         self._handles = []
         for index, layer in enumerate(self.layers):
+            ffn_in = layer.intermediate if intermediate == "post" else layer.intermediate.dense
             self._handles += [
                 layer.attention.output.dense.register_forward_pre_hook(self._head_hook(index)),
-                layer.intermediate.register_forward_hook(self._unit_hook("intermediate", index)),
+                ffn_in.register_forward_hook(self._unit_hook("intermediate", index)),
                 layer.output.dense.register_forward_hook(self._unit_hook("output", index)),
             ]
 
@@ -106,26 +115,43 @@ class UnitGates:
 
 
 def gate_gradients(gates: UnitGates, loss_fn: Callable[[dict[str, Tensor]], Tensor],
-                   batches: Iterable[dict[str, Tensor]], signed: bool = False) -> Importance:
-    """Mean over batches of ∂L/∂g per unit: |grad| (the paper) or the signed sum (companion code).
+                   batches: Iterable[dict[str, Tensor]], form: str = "abs") -> Importance:
+    """∂L/∂g per unit over batches, aggregated by `form`:
 
-    Only the gates get gradients here (`torch.autograd.grad`), so the model's `.grad`s are
-    untouched.
+    - "abs": the mean over batches of |∂L/∂g| (the paper, and ../shared/spec/METHODS.md);
+    - "signed": the mean over batches of the signed ∂L/∂g;
+    - "companion-cumulative": as the companion code aggregates (ContinualLM 57e498c,
+      `networks/baselines/softmask.py` l.77-98): the gate's `.grad` is never zeroed between
+      batches and its running value is added after every batch, so batch j of N counts N−j+1
+      times; the sum is divided by the number of attended tokens (l.93, 98).
+    The per-layer normalisation (`normalize`) removes any positive scale, so only the first two
+    differ in shape from each other, the third in weighting. Only the gates get gradients here
+    (`torch.autograd.grad`), so the model's `.grad`s are untouched.
     """
+    if form not in FORMS:
+        raise ValueError(f"importance form must be one of {FORMS}, got {form!r}")
     device = next(gates.layers[0].parameters()).device
     total = gates.zeros(device)
-    count = 0
+    running = gates.zeros(device)  # the companion code's never-zeroed `.grad`
+    count, tokens = 0, 0.0
     for batch in batches:
         probe = gates.ones(requires_grad=True, device=device)
         with gates.applied(probe):
             loss = loss_fn(batch)
         grads = torch.autograd.grad(loss, [probe[k] for k in KINDS])
         for kind, grad in zip(KINDS, grads, strict=True):
-            total[kind] += grad.detach() if signed else grad.detach().abs()
+            grad = grad.detach()
+            if form == "companion-cumulative":
+                running[kind] += grad
+                total[kind] += running[kind]
+            else:
+                total[kind] += grad if form == "signed" else grad.abs()
         count += 1
+        tokens += float(batch["attention_mask"].sum())
     if count == 0:
         raise ValueError("importance needs at least one batch")
-    return {k: v / count for k, v in total.items()}
+    scale = tokens if form == "companion-cumulative" else count
+    return {k: v / scale for k, v in total.items()}
 
 
 def normalize(raw: Importance) -> Importance:
@@ -147,27 +173,45 @@ def accumulate(old: Importance | None, new: Importance) -> Importance:
 
 @torch.no_grad()
 def softmask_gradients(gates: UnitGates, importance: Importance,
-                       kinds: Iterable[str] = KINDS) -> None:
+                       kinds: Iterable[str] = KINDS, qkv: str = "rows") -> None:
     """Multiply each unit's parameter gradients by (1 − I): call after backward, before clipping.
 
-    head h: rows of Q, K, V weights and biases in h's slice, and the attention-output weight
-    columns of that slice; intermediate j: row j and bias j of the intermediate dense; output k:
-    row k and bias k of the FFN output dense. Embeddings, LayerNorms and the LM head are left.
+    head h, `qkv="rows"` (the paper: a head's own parameters): rows of Q, K, V weights and biases
+    in h's slice, and the attention-output weight columns of that slice. `qkv="companion"`, as the
+    companion code does it (ContinualLM 57e498c `networks/baselines/softmask.py` l.183-197:
+    `weight.grad *= head_mask` with a [hidden] head-indexed vector, which broadcasts over the
+    last, *input* dimension): the *columns* of Q, K, V weights, the Q, K, V biases by h's slice,
+    the attention-output weight columns, and the attention-output bias by the same vector.
+    intermediate j: row j and bias j of the intermediate dense; output k: row k and bias k of the
+    FFN output dense (both as in the companion code, l.199-210). Embeddings, LayerNorms and the
+    LM head are left.
     """
+    if qkv not in QKV:
+        raise ValueError(f"qkv soft-mask must be one of {QKV}, got {qkv!r}")
     kinds = set(kinds)
     for index, layer in enumerate(gates.layers):
         if "head" in kinds:
             keep = (1 - importance["head"][index]).repeat_interleave(gates.head_dim)
             attention = layer.attention.self
-            for linear in (attention.query, attention.key, attention.value):
-                _scale_rows(linear, keep)
             dense = layer.attention.output.dense
-            if dense.weight.grad is not None:
-                dense.weight.grad.mul_(keep.to(dense.weight.grad.dtype).unsqueeze(0))
+            for linear in (attention.query, attention.key, attention.value):
+                if qkv == "rows":
+                    _scale_rows(linear, keep)
+                else:
+                    _scale_columns(linear, keep, bias=True)
+            _scale_columns(dense, keep, bias=qkv == "companion")
         if "intermediate" in kinds:
             _scale_rows(layer.intermediate.dense, 1 - importance["intermediate"][index])
         if "output" in kinds:
             _scale_rows(layer.output.dense, 1 - importance["output"][index])
+
+
+def _scale_columns(linear: nn.Linear, keep: Tensor, bias: bool) -> None:
+    """weight.grad *= keep over the input dimension; the bias by the same vector if `bias`."""
+    if linear.weight.grad is not None:
+        linear.weight.grad.mul_(keep.to(linear.weight.grad.dtype).unsqueeze(0))
+    if bias and linear.bias is not None and linear.bias.grad is not None:
+        linear.bias.grad.mul_(keep.to(linear.bias.grad.dtype))
 
 
 def _scale_rows(linear: nn.Linear, keep: Tensor) -> None:

@@ -213,7 +213,7 @@ def test_bad_das_argument_fails_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["run", "--config", str(bad), "--profile", "tiny", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "das: contrast must be one of full, past-only, general-only, none" in err
+    assert "'das': contrast must be one of 'full', 'past-only', 'general-only', 'none'" in err
     assert not out.exists()
 
 

@@ -1,0 +1,379 @@
+"""DAS as released: each companion-code option against the companion formula, recomputed literally.
+
+The companion code is GitHub UIC-Liu-Lab/ContinualLM at commit 57e498c; each test rebuilds its
+formula in plain torch on a tiny RoBERTa with 4 heads (with 2 heads the per-layer z-score makes
+every head 0.6089, so head-importance errors could not show) and compares it with `methods.das`.
+Its unit masks are rebuilt here the companion's way: HF's `head_mask` on the attention
+probabilities, and `dense(h) * mask` on the FFN intermediate (before the activation) and output
+dense (`networks/transformers/roberta.py` l.175-200), independently of `methods.gates`.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import RobertaConfig, RobertaForMaskedLM
+
+from benchmark.basemodel import word_tokenizer
+from benchmark.config import build_config, read_preset
+from benchmark.context import Context
+from benchmark.training import dap_train
+from methods import DapPlan, build_method
+from methods.gates import FORMS, UnitGates, gate_gradients, softmask_gradients
+
+HEADS = 4
+COMPANION_PRESETS = [
+    "das-companion", "dga-companion", "dga-one",
+    *(f"rq3-companion-{m}" for m in ("no-softmask", "random-importance", "hard-mask",
+                                     "heads-only", "ffn-only")),
+    *(f"rq4-companion-{m}" for m in ("no-contrast", "past-only", "general-only", "contrast-0.1")),
+    *(f"rq5-companion-{m}" for m in ("no-general", "general-mlm", "random-general")),
+]
+
+
+def tiny_roberta(vocab: int, pad: int, dropout: float = 0.1, seed: int = 0):
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=HEADS, intermediate_size=48,
+                           max_position_embeddings=64, pad_token_id=pad,
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config._attn_implementation = "eager"  # HF's head_mask needs the eager attention
+    return RobertaForMaskedLM(config)
+
+
+def make_ctx(suite, tmp_path, dropout: float = 0.1, **overrides) -> Context:
+    tokenizer = word_tokenizer(suite.vocabulary)
+    model = tiny_roberta(len(tokenizer), tokenizer.pad_token_id, dropout)
+    cfg = build_config(suite.defaults, {"method": "das", **overrides})
+    return Context(config=cfg, suite=suite, domains=suite.order(0), model=model,
+                   tokenizer=tokenizer, accelerator=Accelerator(cpu=True), run_dir=tmp_path,
+                   _base=copy.deepcopy(model))
+
+
+def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Move the model away from θ0 (as after DAP-training), deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def masks(layers: int = 2, requires_grad: bool = True):
+    """`softmask.initial_impt` (softmask.py l.45-65): all-one masks that take gradients."""
+    shapes = {"head": (layers, HEADS), "intermediate": (layers, 48), "output": (layers, 32)}
+    return {k: torch.ones(s, requires_grad=requires_grad) for k, s in shapes.items()}
+
+
+@contextmanager
+def companion_ffn_masks(model, intermediate, output):
+    """roberta.py l.175-177 and l.195-197: `self.dense(h) * mask` on both FFN denses."""
+    handles = []
+    for i, layer in enumerate(model.roberta.encoder.layer):
+        handles.append(layer.intermediate.dense.register_forward_hook(
+            lambda m, a, out, i=i: out * intermediate[i]))
+        handles.append(layer.output.dense.register_forward_hook(
+            lambda m, a, out, i=i: out * output[i]))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def companion_hidden(model, ids, attention_mask, m):
+    with companion_ffn_masks(model, m["intermediate"], m["output"]):
+        return model.roberta(input_ids=ids, attention_mask=attention_mask,
+                             head_mask=m["head"]).last_hidden_state
+
+
+def impt_norm(impt):
+    """softmask.py l.35-42, literally."""
+    impt = impt.clone()
+    for layer in range(impt.size(0)):
+        impt[layer] = (impt[layer] - impt[layer].mean()) / impt[layer].std()
+    return torch.tanh(impt).abs()
+
+
+def compute_impt(loss_fn, batches, m):
+    """softmask.py l.73-98: the masks' `.grad` is never zeroed; running values are summed."""
+    impt = {k: torch.zeros_like(v) for k, v in m.items()}
+    tot_tokens = 0.0
+    for batch in batches:
+        loss_fn(batch, m).backward()
+        for k in impt:
+            impt[k] += m[k].grad.detach()
+        tot_tokens += batch["attention_mask"].float().sum()
+    return {k: v / tot_tokens for k, v in impt.items()}
+
+
+def batches_of(ctx, seed: int, n: int):
+    it = ctx.mlm_batches(ctx.corpus(0), seed)
+    return [next(it) for _ in range(n)]
+
+
+# 1. contrast pairing ------------------------------------------------------------------------
+def sequence_level_contrast(z2, z1, z3, temp=0.05):
+    """simcse.py l.123-171 on one process: note the parameter order (z2, z1, z3)."""
+    cos = F.cosine_similarity(z1.unsqueeze(1), z2.unsqueeze(0), dim=-1) / temp
+    cos = torch.cat([cos, F.cosine_similarity(z1.unsqueeze(1), z3.unsqueeze(0), dim=-1) / temp], 1)
+    return F.cross_entropy(cos, torch.arange(cos.size(0)))
+
+
+@pytest.mark.parametrize("pairs", ["companion", "dropout"])
+def test_contrast_pairs_companion_matches_model_py(tiny_suite, tmp_path, pairs):
+    ctx = make_ctx(tiny_suite, tmp_path)
+    das = build_method("das", {"contrast_pairs": pairs, "intermediate_gate": "pre"})
+    das.setup(ctx)
+    das.before_domain(ctx, 0)  # the gated view: I_≤t−1 = the KL-proxy importance
+    model = ctx.model.eval()  # dropout off: every view is deterministic, so passes compare
+    torch.manual_seed(5)
+    n, length = 6, 10  # no padding, as in the companion code's 164-token chunks
+    clean = torch.randint(5, len(ctx.tokenizer), (n, length))
+    picked = torch.rand(n, length) < 0.3
+    ids = torch.where(picked, torch.full_like(clean, ctx.tokenizer.mask_token_id), clean)
+    labels = torch.where(picked, clean, torch.full_like(clean, -100))
+    attention = torch.ones_like(clean)
+    batch = {"input_ids": ids, "clean_input_ids": clean, "labels": labels,
+             "attention_mask": attention}
+    ours = das.loss(ctx, batch, das.forward(ctx, model, batch))
+
+    # model.py l.199-222
+    mlm = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+    ori = model.roberta(input_ids=clean.repeat(2, 1),
+                        attention_mask=attention.repeat(2, 1)).last_hidden_state
+    ori = ori.view(-1, 2, length, 32)
+    view = {k: v.detach() for k, v in das._view.items()}
+    mean_z1 = ori[:, 0].mean(dim=1)
+    mean_z2 = ori[:, 1].mean(dim=1)
+    mean_z3 = companion_hidden(model, clean, attention, view).mean(dim=1)
+    reference = mlm + sequence_level_contrast(mean_z1, mean_z2, mean_z3)
+    if pairs == "companion":
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    else:  # the paper's pairing (x with itself) is a different loss
+        assert (ours - reference).abs() > 1e-2
+
+
+# 2. KL proxy -------------------------------------------------------------------------------
+def distill_kl(y_s, y_t, T=1.0):
+    """utils/model.py l.217-222, called as kd_loss(teacher, student) (model.py l.66)."""
+    p_s = F.log_softmax(y_s / T, dim=1)
+    p_t = F.softmax(y_t / T, dim=1)
+    return F.kl_div(p_s, p_t, reduction="sum") * (T ** 2) / y_s.shape[0]
+
+
+def test_kl_proxy_companion_matches_before_distill(tiny_suite, tmp_path):
+    ctx = make_ctx(tiny_suite, tmp_path, importance_batches=2)
+    perturb(ctx.model)  # student ≠ θ0 so the loss is not 0 (see the next test)
+    das = build_method("das", {"kl_proxy": "companion", "importance_form": "companion-cumulative",
+                               "intermediate_gate": "pre"})
+    das.setup(ctx)
+    ours = das._compute(ctx, ctx.corpus(0), "kl", seed=11)
+    assert ctx.model.training  # the mode is restored
+
+    student, teacher = ctx.model.eval(), ctx.base_model().eval()
+
+    def before_distill(batch, m):  # model.py l.53-66: masked input, same masks for both
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return distill_kl(companion_hidden(teacher, ids, mask, m),
+                          companion_hidden(student, ids, mask, m))
+
+    raw = compute_impt(before_distill, batches_of(ctx, 11, 2), masks())
+    for kind in ours:
+        torch.testing.assert_close(ours[kind], impt_norm(raw[kind]), rtol=1e-4, atol=1e-4)
+    dropout_form = build_method("das", {"intermediate_gate": "pre"})
+    dropout_form.setup(ctx)
+    paper = dropout_form._compute(ctx, ctx.corpus(0), "kl", seed=11)
+    assert not torch.allclose(paper["head"], ours["head"], atol=1e-2)
+
+
+def test_kl_proxy_companion_has_no_gradient_at_theta0(tiny_suite, tmp_path):
+    """Before domain 0 the student is θ0: in eval mode the KL and its gradient are 0 up to
+    rounding, so the companion code's general importance is z-scored rounding noise."""
+    ctx = make_ctx(tiny_suite, tmp_path)
+    batch = batches_of(ctx, 3, 1)[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    grads = {}
+    for mode in ("eval", "train"):
+        student, teacher = ctx.model.train(mode == "train"), ctx.base_model().train(mode == "train")
+        m = masks()
+        distill_kl(companion_hidden(teacher, ids, mask, m),
+                   companion_hidden(student, ids, mask, m)).backward()
+        grads[mode] = torch.cat([v.grad.flatten() for v in m.values()]).abs().max()
+    assert grads["eval"] < 1e-6 * grads["train"]
+
+
+# 3. gradient aggregation ------------------------------------------------------------------
+def test_companion_cumulative_counts_batch_j_n_minus_j_plus_1_times(tiny_suite, tmp_path):
+    ctx = make_ctx(tiny_suite, tmp_path)
+    model = ctx.model.eval()
+    gates = UnitGates(model, intermediate="pre")
+    batches = batches_of(ctx, 4, 3)
+    ours = gate_gradients(gates, lambda b: model(input_ids=b["input_ids"],
+                                                 attention_mask=b["attention_mask"],
+                                                 labels=b["labels"]).loss,
+                          batches, form="companion-cumulative")
+
+    def mlm(batch, m):
+        with companion_ffn_masks(model, m["intermediate"], m["output"]):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], head_mask=m["head"]).loss
+
+    reference = compute_impt(mlm, batches, masks())
+    for kind in ours:
+        torch.testing.assert_close(ours[kind], reference[kind], rtol=1e-4, atol=1e-9)
+    signed = gate_gradients(gates, lambda b: model(**{k: b[k] for k in
+                                                      ("input_ids", "attention_mask", "labels")}
+                                                   ).loss, batches, form="signed")
+    assert not torch.allclose(ours["head"] / ours["head"].norm(),
+                              signed["head"] / signed["head"].norm(), atol=1e-3)
+    assert set(FORMS) == {"abs", "signed", "companion-cumulative"}
+
+
+# 4. domain-importance input ---------------------------------------------------------------
+@pytest.mark.parametrize("given", ["unmasked", "masked"])
+def test_domain_importance_on_unmasked_input_matches_after_mlm(tiny_suite, tmp_path, given):
+    # dropout 0: the pass runs in train mode (as the companion's after_mlm does), deterministic
+    ctx = make_ctx(tiny_suite, tmp_path, dropout=0.0, importance_batches=2)
+    das = build_method("das", {"domain_importance_input": given, "intermediate_gate": "pre",
+                               "importance_form": "companion-cumulative"})
+    das.setup(ctx)
+    ours = das._compute(ctx, ctx.corpus(0), "mlm", seed=21)
+    model = ctx.model
+
+    def after_mlm(batch, m):  # model.py l.68-74: inputs_ori_ids with the MLM labels
+        with companion_ffn_masks(model, m["intermediate"], m["output"]):
+            return model(input_ids=batch["clean_input_ids"], labels=batch["labels"],
+                         attention_mask=batch["attention_mask"], head_mask=m["head"]).loss
+
+    raw = compute_impt(after_mlm, batches_of(ctx, 21, 2), masks())
+    same = all(torch.allclose(ours[k], impt_norm(raw[k]), rtol=1e-4, atol=1e-4) for k in ours)
+    assert same == (given == "unmasked")
+
+
+# 5. intermediate gate placement ------------------------------------------------------------
+def test_intermediate_gate_pre_matches_roberta_py(tiny_suite, tmp_path):
+    ctx = make_ctx(tiny_suite, tmp_path)
+    perturb(ctx.model, scale=0.5)  # pre-activations well outside GELU's near-linear range
+    model = ctx.model.eval()
+    batch = batches_of(ctx, 5, 1)[0]
+    ids, mask = batch["clean_input_ids"], batch["attention_mask"]
+    torch.manual_seed(9)
+    values = {k: torch.rand(v.shape) for k, v in masks(requires_grad=False).items()}
+    reference = companion_hidden(model, ids, mask, values)
+    results = {}
+    for placement in ("pre", "post"):
+        gates = UnitGates(model, intermediate=placement)
+        with gates.applied(values):
+            results[placement] = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        gates.remove()
+    torch.testing.assert_close(results["pre"], reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(results["post"], reference, atol=1e-3)
+
+
+# 6. soft-masking of Q/K/V -----------------------------------------------------------------
+def soft_mask_gradient(model, head_impt, intermediate_impt, output_impt):
+    """softmask.py l.177-210, literally (`model_ori.model.roberta` is `model.roberta` here)."""
+    n_layers = model.config.num_hidden_layers
+    head_size = int(model.config.hidden_size / model.config.num_attention_heads)
+    for layer in range(n_layers):
+        head_mask = 1 - head_impt[layer].unsqueeze(-1).repeat((1, head_size)).flatten()
+        block = model.roberta.encoder.layer[layer]
+        for linear in (block.attention.self.query, block.attention.self.key,
+                       block.attention.self.value, block.attention.output.dense):
+            linear.weight.grad *= head_mask
+            linear.bias.grad *= head_mask
+        intermediate_mask = 1 - intermediate_impt[layer]
+        block.intermediate.dense.weight.grad *= intermediate_mask.unsqueeze(1)
+        block.intermediate.dense.bias.grad *= intermediate_mask
+        output_mask = 1 - output_impt[layer]
+        block.output.dense.weight.grad *= output_mask.unsqueeze(1)
+        block.output.dense.bias.grad *= output_mask
+
+
+@pytest.mark.parametrize("qkv", ["companion", "rows"])
+def test_qkv_softmask_companion_matches_soft_mask_gradient(tiny_suite, tmp_path, qkv):
+    ctx = make_ctx(tiny_suite, tmp_path)
+    batch = batches_of(ctx, 6, 1)[0]
+    ours, reference = ctx.model, copy.deepcopy(ctx.model)
+    for model in (ours, reference):
+        torch.manual_seed(0)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              labels=batch["labels"]).loss.backward()
+    torch.manual_seed(7)
+    importance = {k: torch.rand(v.shape) for k, v in masks(requires_grad=False).items()}
+    softmask_gradients(UnitGates(ours), importance, qkv=qkv)
+    soft_mask_gradient(reference, importance["head"], importance["intermediate"],
+                       importance["output"])
+    same = all(torch.equal(p.grad, q.grad) for p, q in
+               zip(ours.parameters(), reference.parameters(), strict=True) if p.grad is not None)
+    assert same == (qkv == "companion")
+
+
+# 7. no gradient clipping ------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["das", "das-companion"])
+def test_companion_preset_never_clips(tiny_suite, tmp_path, monkeypatch, preset):
+    settings = read_preset(preset)
+    ctx = make_ctx(tiny_suite, tmp_path, **{k: v for k, v in settings.items() if k != "method"},
+                   dap_steps=2)
+    das = build_method("das", ctx.config.method_args)
+    das.setup(ctx)
+    das.before_domain(ctx, 0)
+    calls = []
+    monkeypatch.setattr(ctx.accelerator, "clip_grad_norm_", lambda *a, **k: calls.append(a))
+    dap_train(ctx, das, DapPlan(data=ctx.corpus(0), steps=2), 0)
+    # the companion code steps right after backward and masking (update_model.py l.15-19)
+    assert len(calls) == (0 if preset == "das-companion" else 2)
+
+
+# presets ----------------------------------------------------------------------------------
+def test_every_companion_preset_carries_all_seven_choices():
+    reference = read_preset("das-companion")
+    assert reference["max_grad_norm"] == 0 and len(reference["method_args"]) == 6
+    for name in COMPANION_PRESETS:
+        preset = read_preset(name)
+        assert preset["max_grad_norm"] == 0, name
+        for key, value in reference["method_args"].items():
+            assert preset["method_args"][key] == value, (name, key)
+        build_method(preset["method"], preset["method_args"])  # every value is valid
+    pairs = read_preset("das-companion-pairs")
+    assert pairs["method_args"] == {"contrast_pairs": "companion"} and "max_grad_norm" not in pairs
+    groups = {g: read_preset(f"{g}-companion")["runs"] for g in ("rq3", "rq4", "rq5")}
+    for group, runs in groups.items():
+        published = read_preset(group)["runs"]
+        assert len(runs) == len(published) and runs[0] == "das-companion", group
+
+
+def test_published_defaults_are_unchanged():
+    das = build_method("das")
+    a = das.args
+    assert (a.contrast_pairs, a.kl_proxy, a.importance_form, a.domain_importance_input,
+            a.intermediate_gate, a.qkv_softmask) == ("dropout", "dropout", "abs", "masked",
+                                                     "post", "rows")
+    assert build_method("dga").args.units == ["head"]
+    assert build_method("dga-one").args.softmask_units == ["head"]
+
+
+def test_dga_one_starts_every_domain_from_theta0_with_that_domains_importance(tiny_suite,
+                                                                           tmp_path):
+    ctx = make_ctx(tiny_suite, tmp_path)
+    dga = build_method("dga-one")
+    dga.setup(ctx)
+    perturb(ctx.model)  # as if domain 0 had been trained
+    torch.manual_seed(0)  # the KL proxy's dropout
+    dga.before_domain(ctx, 1)
+    for p, q in zip(ctx.model.parameters(), ctx.base_model().parameters(), strict=True):
+        assert torch.equal(p, q)
+    torch.manual_seed(0)
+    expected = dga._compute(ctx, ctx.corpus(1), "kl", ctx.config.seed + 7 + 1)
+    torch.testing.assert_close(dga.importance["head"], expected["head"])
+    assert dga.importance["intermediate"].abs().sum() == 0  # heads only
+    assert (ctx.run_dir / "artifacts" / f"importance_general1_{ctx.domains[1]}.safetensors"
+            ).exists()
+    dga.after_domain(ctx, 1)  # no MLM importance is accumulated after a domain
+    for kind in expected:
+        assert torch.equal(dga.importance[kind], dga.general[kind])
+    dga.save_state(tmp_path)  # the domain checkpoint holds the state
+    assert (tmp_path / "method_state.safetensors").exists()
