@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -371,6 +371,8 @@ class AvalancheMethod(Method):
 
 
 # -- the rows ------------------------------------------------------------------------------------
+# Each row's defaults live in its Args: Avalanche's own defaults where it has them (MAS, RWalk),
+# else values sized for the syn6 default profile.
 @dataclass
 class MASArgs:
     lambda_reg: float = 1.0  # weight of the penalty Σ Ω (θ − θ*)²
@@ -464,7 +466,8 @@ class AvlGEM(AvalancheMethod):
 @dataclass
 class EWCArgs:
     lam: float = 5000.0  # λ in our convention, λ/2 · Σ F (θ − θ*)²: the plugin gets λ/2
-    mode: str = "separate"  # Avalanche's "separate" (one penalty per domain) or "online"
+    # Avalanche's "separate" (one penalty per domain) or "online"
+    mode: Literal["separate", "online"] = "separate"
     decay_factor: float = 1.0  # the "online" mode's Fisher decay
     sequences: int = 512  # sequences of each domain the Fisher is estimated on
 
