@@ -161,8 +161,10 @@ def test_paper_grid_has_every_row_on_five_orders_and_three_seeds(tmp_path):
     grid.out = str(tmp_path)
     cells = expand(grid)
     rows = {c.run_dir.parent.parent.name for c in cells}
+    # a row name that is not a plain folder name gets a hash of itself appended (loop.run_dir_for)
+    plain = {r.split("-")[0] if r.startswith("demix_mixture-") else r for r in rows}
     assert {"base", "one", "pool", "ncl", "das", "ewc", "kd", "derpp", "hat", "dga",
-            "adapter-one", "demix", "demix_mixture"} <= rows
+            "adapter-one", "demix", "demix_mixture"} <= plain
     assert len(cells) == len(rows) * 5 * 3
 
 
