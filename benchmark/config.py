@@ -282,13 +282,18 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: malformed YAML at {where}: {problem}") from None
 
 
-def available_configs() -> dict[str, str]:
-    """Preset name -> its first comment line (the description)."""
+def described_yamls(folder: Path) -> dict[str, str]:
+    """Name -> first comment line (the description) of every YAML in `folder`."""
     out = {}
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         first = path.read_text().splitlines()[:1]
         out[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
     return out
+
+
+def available_configs() -> dict[str, str]:
+    """Preset name -> its first comment line (the description)."""
+    return described_yamls(CONFIG_DIR)
 
 
 def resolve_preset_path(name_or_path: str) -> Path:

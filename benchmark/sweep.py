@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from benchmark.config import ConfigError, RunConfig, build_config, read_preset
+from benchmark.config import ConfigError, RunConfig, build_config, described_yamls, read_preset
 from benchmark.lock import RunLocked, is_locked, run_lock
 from benchmark.loop import PROGRESS, RESULT, run_dir_for
 
@@ -188,11 +188,7 @@ def _check(key: str, value: Any, source: str) -> Any:
 
 def available_grids() -> dict[str, str]:
     """Grid preset name -> its first comment line."""
-    out = {}
-    for path in sorted(GRID_DIR.glob("*.yaml")):
-        first = path.read_text().splitlines()[:1]
-        out[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-    return out
+    return described_yamls(GRID_DIR)
 
 
 def load_grid(name_or_path: str) -> Grid:

@@ -198,21 +198,28 @@ def restore_train_mode(method: AvalancheMethod, event: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _static_replaced(cls: type, name: str, function: Any) -> Iterator[None]:
+    """`cls.name` (a staticmethod) replaced by `function` for the block, then restored."""
+    original = cls.__dict__[name]
+    setattr(cls, name, staticmethod(function))
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+@contextlib.contextmanager
 def si_copy_snapshots(method: AvalancheMethod, event: str) -> Iterator[None]:
     """SI's weight snapshots as copies, not views of the live CPU parameters."""
     si = type(method.plugin)
-    original = si.__dict__["extract_weights"]
 
     @torch.no_grad()
     def extract_weights(model, target, excluded_parameters) -> None:
         for name, param in si.allowed_parameters(model, excluded_parameters):
             target[name].data = param.detach().flatten().cpu().clone()
 
-    si.extract_weights = staticmethod(extract_weights)
-    try:
+    with _static_replaced(si, "extract_weights", extract_weights):
         yield
-    finally:
-        si.extract_weights = original
 
 
 @contextlib.contextmanager
@@ -228,11 +235,8 @@ def si_cache_parameters(method: AvalancheMethod, event: str) -> Iterator[None]:
             found[key] = original.__func__(model, excluded_parameters)
         return found[key]
 
-    si.allowed_parameters = staticmethod(allowed_parameters)
-    try:
+    with _static_replaced(si, "allowed_parameters", allowed_parameters):
         yield
-    finally:
-        si.allowed_parameters = original
 
 
 @contextlib.contextmanager
