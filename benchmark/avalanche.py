@@ -170,19 +170,21 @@ class CdapEvaluator(SupervisedPlugin):
             progress.general_mlm_loss.append(mlm_eval_loss(ctx, ctx.model, general))
         progress.timings["dap_s"].append(round(time.perf_counter() - self.dap_started, 3))
         last = t == len(names) - 1
-        mf1s, accs, seconds = [], [], []
+        mf1s, accs, seconds, collapsed = [], [], [], []
         for i in range(t + 1):
             if i < t and not last and cfg.eval_matrix == "diagonal":
-                mf1s.append(None), accs.append(None), seconds.append(0.0)
+                mf1s.append(None), accs.append(None), seconds.append(0.0), collapsed.append(None)
                 continue
             train, test = self.splits[i]
-            mf1, acc, s = finetune_and_test(
+            mf1, acc, s, one_class = finetune_and_test(
                 ctx, encoder_of(ctx.model), train, test, self.tasks[i].num_labels,
                 seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {names[t]}",
                 epochs=self.tasks[i].epochs)
             mf1s.append(round(mf1, 4)), accs.append(round(acc, 4)), seconds.append(round(s, 3))
+            collapsed.append(one_class)
         progress.mf1.append(mf1s)
         progress.acc.append(accs)
+        progress.collapsed.append(collapsed)
         progress.timings["finetune_s"].append(seconds)
         log.info("after %s: MF1 %s", names[t], mf1s)
         strategy.model.train()

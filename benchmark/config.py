@@ -95,6 +95,21 @@ class RunConfig:
     ft_lr: float = knob(5e-4, "end-task learning rate", positive, flag=True)
     ft_batch_size: int = knob(16, "end-task batch size", positive)
     ft_weight_decay: float = knob(0.01, "end-task weight decay", non_negative)
+    # the companion code fine-tunes with no warm-up and a linear decay (ContinualLM config.py
+    # l.288–296, parseing_finetune: --num_warmup_steps 0, --lr_scheduler_type linear; used by
+    # approaches/finetune.py l.53–58); a short fine-tuning
+    # at a high lr (real6's profiles: 45 steps) starts from a random head at full lr and may
+    # settle on the majority class, which a warm-up share damps
+    ft_warmup: float = knob(0.0, "share of end-task fine-tuning steps with a linear warm-up "
+                            "(0: none, the paper's)", fraction, flag=True)
+    # how A[t][i] is measured: the paper's fine-tuning, or a frozen-encoder linear probe
+    # (benchmark/probe.py: seconds per cell, no collapse, but not the paper's protocol)
+    eval: Literal["finetune", "probe"] = knob(
+        "finetune", "end-task protocol: fine-tune the encoder with the stock head (the paper's), "
+        "or probe: freeze it, embed every example once, fit a logistic regression", flag=True)
+    probe_pooling: Literal["mean", "first"] = knob(
+        "mean", "probe readout: masked mean of the last hidden states, or the first token's "
+        "([CLS]/<s>, what the stock head reads)", flag=True)
     # "diagonal" runs T + T-1 fine-tunings instead of T(T+1)/2; FR, KT and the tables read only
     # A[i][i] and A[T][i], which both schedules fill alike
     eval_matrix: Literal["full", "diagonal"] = knob(

@@ -40,6 +40,7 @@ from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
 from benchmark.lock import LOCK_NAME, run_lock
+from benchmark.probe import probe_and_test
 from benchmark.record import RunRecord, load, save
 from benchmark.training import dap_train, finetune_and_test, warm_up_mlm_head
 from methods import Method, build_method
@@ -254,27 +255,40 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     record.timings["dap_s"].append(round(time.perf_counter() - start, 3))
     record.mf1.append([])
     record.acc.append([])
+    record.collapsed.append([])
     record.timings["finetune_s"].append([])
 
 
 def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, tasks, t: int,
                    i: int) -> None:
-    """Fill A[t][i]: fine-tune task i from the model after domain t (or skip / copy it)."""
+    """Fill A[t][i]: fine-tune (or probe, `eval: probe`) task i on the model after domain t, or
+    skip / copy it."""
+    mf1 = acc = collapsed = None
+    seconds = 0.0
     if i < t and t < len(tasks) - 1 and ctx.config.eval_matrix == "diagonal":
-        mf1, acc, seconds = None, None, 0.0
+        pass
     elif method.past_tasks_unchanged and i < t:
-        mf1, acc, seconds = record.mf1[i][i], record.acc[i][i], 0.0
+        mf1, acc, collapsed = record.mf1[i][i], record.acc[i][i], record.collapsed[i][i]
     else:
         train, test = splits[i]
-        mf1, acc, seconds = finetune_and_test(
-            ctx, method.model_for_task(ctx, i), train, test, tasks[i].num_labels,
-            seed=ctx.seed_for("finetune", t, i),
-            desc=f"end task {ctx.domains[i]} @ {ctx.domains[t]}", epochs=tasks[i].epochs)
+        desc = f"end task {ctx.domains[i]} @ {ctx.domains[t]}"
+        seed = ctx.seed_for("finetune", t, i)
+        if ctx.config.eval == "probe":
+            score = probe_and_test(ctx, method.model_for_task(ctx, i), train, test, seed, desc)
+        else:
+            score = finetune_and_test(ctx, method.model_for_task(ctx, i), train, test,
+                                      tasks[i].num_labels, seed=seed, desc=desc,
+                                      epochs=tasks[i].epochs)
+        mf1, acc, seconds, collapsed = score
+        if collapsed:
+            log.warning("%s: every test prediction is one class (MF1 %.2f): marked collapsed",
+                        desc, mf1)
     if mf1 is not None and ctx.accelerator.trackers:  # live tracking: A[t][i] as it comes
         ctx.accelerator.log({f"mf1/{i}_{ctx.domains[i]}": mf1,
                              f"acc/{i}_{ctx.domains[i]}": acc}, step=t)
     record.mf1[t].append(None if mf1 is None else round(mf1, 4))
     record.acc[t].append(None if acc is None else round(acc, 4))
+    record.collapsed[t].append(collapsed)
     record.timings["finetune_s"][t].append(round(seconds, 3))
 
 
@@ -312,5 +326,5 @@ def new_record(cfg: RunConfig, suite, names: list[str], method: Method, base_s: 
         suite=cfg.suite, profile=cfg.profile, synthetic=bool(suite.synthetic), method=cfg.method,
         row=cfg.row, order=cfg.order, seed=cfg.seed, domains=names,
         needs_domain_id=bool(method.needs_domain_id), config=cfg.to_dict(), **environment(),
-        base_fingerprint=base_fingerprint,
+        base_fingerprint=base_fingerprint, protocol=cfg.eval,
         timings={"base_model_s": round(base_s, 3), "dap_s": [], "finetune_s": []})

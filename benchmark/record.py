@@ -3,7 +3,8 @@
 `loop.run` fills a `RunRecord` as the run goes (it is also the content of `progress.json`) and
 writes it through `save`; `tables.py` reads records through `load`, never raw dicts. Files made
 before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
-get their defaults (`base_fingerprint: None`: θ0 unknown).
+get their defaults (`base_fingerprint: None`: θ0 unknown; `protocol: "finetune"`, the only one
+before schema 3; `collapsed`: None in every cell, not recorded).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from benchmark.atomic import DamagedFile, read_json, write_json_atomic
 
-SCHEMA = 2  # 2: schema, base_fingerprint, head_warmup_loss always present
+SCHEMA = 3  # 2: schema, base_fingerprint, head_warmup_loss always present; 3: protocol, collapsed
 
 
 @dataclass
@@ -37,6 +38,11 @@ class RunRecord:
     # A[t][i]: row t (after domain t) holds one cell per task i <= t; None = not evaluated
     mf1: list[list[float | None]] = field(default_factory=list)
     acc: list[list[float | None]] = field(default_factory=list)
+    # how the cells were measured: "finetune" (the paper's) or "probe" (benchmark/probe.py)
+    protocol: str = "finetune"
+    # per cell as mf1: True where every test prediction was one class (None: not evaluated, or
+    # not recorded: files made before schema 3 load with None in every cell)
+    collapsed: list[list[bool | None]] = field(default_factory=list)
     dap_loss: list[list[float]] = field(default_factory=list)
     dap_steps: list[int] = field(default_factory=list)
     general_mlm_loss: list[float] = field(default_factory=list)  # θ0, then after each domain
@@ -67,6 +73,8 @@ class RunRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         known.setdefault("schema", 1)
+        if "collapsed" not in known and isinstance(known.get("mf1"), list):
+            known["collapsed"] = [[None] * len(row) for row in known["mf1"]]
         if known["schema"] > SCHEMA:
             raise DamagedFile(f"{source}: schema {known['schema']} is newer than this "
                               f"package's ({SCHEMA}); update the package")

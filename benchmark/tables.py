@@ -62,6 +62,7 @@ def _table_groups(results: list[dict], rows: list[str] | None):
         groups[key][res["row"]].append(res)
     for key, by_row in sorted(groups.items()):
         _warn_mixed_base(key, by_row)
+        _warn_mixed_protocols(key, by_row)
         yield key, by_row, [r for r in (rows or sorted(by_row, key=_row_key)) if r in by_row]
 
 
@@ -75,6 +76,41 @@ def _warn_mixed_base(key: tuple, by_row: dict[str, list[dict]]) -> None:
                     " and runs that do not record theirs" if None in prints else "")
 
 
+PROTOCOLS = {"finetune": "fine-tuning", "probe": "linear probe"}
+COLLAPSED = "ᶜ"
+COLLAPSED_NOTE = (f"{COLLAPSED}: in at least one seed every test prediction of the cell was one "
+                  "class (a collapsed classifier: the number measures the majority class)")
+
+
+def protocol_of(res: dict) -> str:
+    """How a run's cells were measured; runs from before schema 3 only fine-tuned."""
+    return res.get("protocol", "finetune")
+
+
+def _warn_mixed_protocols(key: tuple, by_row: dict[str, list[dict]]) -> None:
+    """Warn when one table holds rows measured by different protocols (fine-tuning and probe
+    numbers do not compare); the heading says so too (`_protocol_caption`)."""
+    used = {row: sorted({protocol_of(r) for r in runs}) for row, runs in by_row.items()}
+    if len({p for ps in used.values() for p in ps}) > 1:
+        log.warning("table %s-%s order %s mixes end-task protocols, its rows do not compare: %s",
+                    key[0], key[1], key[2],
+                    "; ".join(f"{row}: {'+'.join(ps)}" for row, ps in sorted(used.items())))
+
+
+def _protocol_caption(by_row: dict[str, list[dict]]) -> str:
+    used = sorted({protocol_of(r) for runs in by_row.values() for r in runs})
+    if len(used) == 1:
+        return f"by {PROTOCOLS.get(used[0], used[0])}"
+    return "MIXED protocols (" + ", ".join(PROTOCOLS.get(p, p) for p in used) + "), do not compare"
+
+
+def _collapsed_last(res: dict) -> list[bool]:
+    """Per task: whether the run's last-row cell collapsed (False where not recorded)."""
+    rows = res.get("collapsed") or []
+    last = rows[-1] if len(rows) == len(res["mf1"]) else []
+    return [bool(v) for v in last] + [False] * (len(res["mf1"][-1]) - len(last))
+
+
 def build_tables(
     results: list[dict], rows: list[str] | None = None, metrics: dict[str, str] = METRICS
 ) -> list[tuple[str, pd.DataFrame]]:
@@ -83,7 +119,9 @@ def build_tables(
     tables = []
     for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
         synthetic = any(r["synthetic"] for runs in by_row.values() for r in runs)
+        protocol = _protocol_caption(by_row)
         for metric, title in metrics.items():
+            marked = False
             reference = {
                 name: final_row(average_matrices([r[metric] for r in by_row[name]]))
                 for name in ("one", "base") if name in by_row
@@ -92,11 +130,14 @@ def build_tables(
             for row in wanted:
                 runs = sorted(by_row[row], key=lambda r: r["seed"])
                 last = np.asarray([final_row(r[metric]) for r in runs])
+                collapsed = np.asarray([_collapsed_last(r) for r in runs])
                 mean_matrix = average_matrices([r[metric] for r in runs])
                 label = row + (" †" if runs[0]["needs_domain_id"] else "")
                 record = {"method": label, "seeds": len(runs)}
                 for i, domain in enumerate(domains):
-                    record[domain] = _cell(list(last[:, i]))
+                    mark = COLLAPSED if collapsed[:, i].any() else ""
+                    marked = marked or bool(mark)
+                    record[domain] = _cell(list(last[:, i])) + mark
                 record["Avg"] = _cell(list(last.mean(axis=1)))
                 record["FR"] = f"{forgetting_rate(mean_matrix):.2f}"
                 for name, column in (("one", "KT"), ("base", "vs-base")):
@@ -107,7 +148,8 @@ def build_tables(
                                         if general else "–")
                 records.append(record)
             heading = (f"{suite} ({profile}{', synthetic' if synthetic else ''}), order {order}: "
-                       f"{title} of the last row A[T][i], mean ± std over seeds")
+                       f"{title} of the last row A[T][i] {protocol}, mean ± std over seeds"
+                       + (f"; {COLLAPSED_NOTE}" if marked else ""))
             tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
 
@@ -232,8 +274,8 @@ def build_pooled_tables(
                 record["Avg"] = _cell([float(np.mean(list(values.values()))) for values in last])
                 record["FR"] = _cell([forgetting_rate(r[metric]) for r in runs])
                 records.append(record)
-            heading = (f"{suite} ({profile}), orders pooled: {title} of the last row A[T][i], "
-                       "mean ± std over orders × seeds")
+            heading = (f"{suite} ({profile}), orders pooled: {title} of the last row A[T][i] "
+                       f"{_protocol_caption(by_row)}, mean ± std over orders × seeds")
             tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
 

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import time
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -235,13 +236,24 @@ def task_model(encoder: nn.Module, num_labels: int) -> nn.Module:
     return model
 
 
-def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, num_labels: int,
-                      seed: int, desc: str,
-                      epochs: int | None = None) -> tuple[float, float, float]:
-    """Fine-tune a copy of `encoder` with the family's stock classification head on `train`;
-    (MF1, Acc, seconds) on `test`.
+class CellScore(NamedTuple):
+    """One end-task evaluation A[t][i]: scores in percent, its wall time, and whether every test
+    prediction was the same class (a collapsed classifier: its MF1 measures no knowledge)."""
 
-    `epochs` is the task's own count (the paper's per-task epochs) and wins over `ft_epochs`."""
+    mf1: float
+    acc: float
+    seconds: float
+    collapsed: bool
+
+
+def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, num_labels: int,
+                      seed: int, desc: str, epochs: int | None = None) -> CellScore:
+    """Fine-tune a copy of `encoder` with the family's stock classification head on `train`;
+    score it on `test`.
+
+    `epochs` is the task's own count (the paper's per-task epochs) and wins over `ft_epochs`.
+    The lr decays linearly to 0 after a warm-up over `ft_warmup` of the steps (default none, as
+    the companion code: ContinualLM config.py l.288–296, approaches/finetune.py l.53–58)."""
     cfg = ctx.config
     epochs = epochs or cfg.ft_epochs
     start = time.perf_counter()
@@ -259,7 +271,7 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr)
     total = epochs * len(loader)
-    schedule = get_linear_schedule_with_warmup(optimizer, 0, total)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.ft_warmup * total), total)
     acc: Accelerator = ctx.accelerator
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     model.train()
@@ -285,4 +297,5 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
             predictions += pred.tolist()
             gold += labels.tolist()
     acc.free_memory()
-    return macro_f1(gold, predictions), accuracy(gold, predictions), time.perf_counter() - start
+    return CellScore(macro_f1(gold, predictions), accuracy(gold, predictions),
+                     time.perf_counter() - start, len(set(predictions)) == 1)

@@ -151,7 +151,7 @@ def test_old_result_files_load_and_new_ones_carry_schema_and_theta0(tmp_path):
     old = next((ROOT / "results" / "syn6").rglob("result.json"))
     record = load(old)
     assert record.schema == 1 and record.base_fingerprint is None and record.finished
-    assert SCHEMA == 2
+    assert SCHEMA == 3
 
 
 def _record(tmp_path: Path, name: str, **changes) -> Path:
