@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import f1_score, make_scorer
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]
 MAX_FOLDS = 5
 EMBED_BATCH = 64
+# macro-F1 as a scorer object, not the string "f1_macro": with the string, scikit-learn 1.9's
+# LogisticRegressionCV raises a TypeError on binary tasks (a 1.9 regression, open as
+# scikit-learn/scikit-learn#34531); the object scores the same
+MACRO_F1 = make_scorer(f1_score, average="macro")
 
 
 @torch.no_grad()
@@ -87,7 +92,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, seed: int):
     if folds >= 2:
         model = LogisticRegressionCV(
             Cs=C_GRID, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-            scoring="f1_macro", class_weight="balanced", max_iter=2000, l1_ratios=(0.0,),
+            scoring=MACRO_F1, class_weight="balanced", max_iter=2000, l1_ratios=(0.0,),
             use_legacy_attributes=False)  # plain L2; `C_` a float (the 1.10 behaviour)
     else:
         model = LogisticRegression(class_weight="balanced", max_iter=2000)

@@ -32,6 +32,16 @@ REAL6_PROFILES: dict[str, dict[str, Any]] = {
                       ft_lr=2e-4, ft_batch_size=16, importance_batches=4,
                       eval_matrix="diagonal"),
     ),
+    # the budget moved to DAP-training: evaluation by the linear probe (benchmark/probe.py) on
+    # every example of the paper's resplit, 140 DAP steps per domain (default: 60) at the
+    # default profile's batch and length, so its measured per-step costs carry over (das: ~30 s
+    # per step summed over the six domains at 2 threads, so ~70 min of DAP)
+    "probe": dict(
+        domains=None,
+        caps=dict(corpus=20000),
+        defaults=dict(dap_steps=140, dap_batch_size=16, dap_lr=1e-4, max_length=64,
+                      importance_batches=4, eval="probe", eval_matrix="diagonal"),
+    ),
     # every example of the paper's resplit; hours on a CPU
     "full": dict(
         domains=None,
