@@ -108,11 +108,12 @@ def probe_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, seed:
     device = ctx.accelerator.device
     x_train = embed(encoder, train, pad_id, pooling, device, f"{desc} (train)")
     x_test = embed(encoder, test, pad_id, pooling, device, f"{desc} (test)")
+    embedded = time.perf_counter()
     y_train, gold = np.asarray(train["label"]), [int(y) for y in test["label"]]
     classifier = fit_probe(x_train, y_train, seed)
     predicted = [int(p) for p in classifier.predict(x_test)]
     seconds = time.perf_counter() - start
-    log.info("%s: probe in %.1f s (%d + %d examples, C=%s)", desc, seconds, len(train),
-             len(test), getattr(classifier[-1], "C_", 1.0))
+    log.info("%s: probe in %.1f s (embedding %d + %d examples %.1f s, C=%s)", desc, seconds,
+             len(train), len(test), embedded - start, getattr(classifier[-1], "C_", 1.0))
     return CellScore(macro_f1(gold, predicted), accuracy(gold, predicted), seconds,
                      len(set(predicted)) == 1)
