@@ -40,6 +40,7 @@ from benchmark.config import RunConfig, build_config
 from benchmark.context import Context
 from benchmark.data import MLMCollator, tokenize_task
 from benchmark.loop import RESULT, new_record, run_dir_for
+from benchmark.probe import probe_and_test
 from benchmark.record import save
 from benchmark.training import LOSS_EVERY, domain_seed, finetune_and_test, mlm_eval_loss
 from methods import MethodError
@@ -176,10 +177,14 @@ class CdapEvaluator(SupervisedPlugin):
                 mf1s.append(None), accs.append(None), seconds.append(0.0), collapsed.append(None)
                 continue
             train, test = self.splits[i]
-            mf1, acc, s, one_class = finetune_and_test(
-                ctx, encoder_of(ctx.model), train, test, self.tasks[i].num_labels,
-                seed=domain_seed(cfg.seed, 2, t, i), desc=f"end task {names[i]} @ {names[t]}",
-                epochs=self.tasks[i].epochs)
+            seed, desc = domain_seed(cfg.seed, 2, t, i), f"end task {names[i]} @ {names[t]}"
+            if cfg.eval == "probe":
+                score = probe_and_test(ctx, encoder_of(ctx.model), train, test, seed, desc)
+            else:
+                score = finetune_and_test(ctx, encoder_of(ctx.model), train, test,
+                                          self.tasks[i].num_labels, seed=seed, desc=desc,
+                                          epochs=self.tasks[i].epochs)
+            mf1, acc, s, one_class = score
             mf1s.append(round(mf1, 4)), accs.append(round(acc, 4)), seconds.append(round(s, 3))
             collapsed.append(one_class)
         progress.mf1.append(mf1s)
