@@ -11,6 +11,7 @@ ones skipped with a warning); the views below get each record as its dict.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +21,10 @@ import pandas as pd
 from benchmark.atomic import DamagedFile
 from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
 from benchmark.record import load
+from methods import available_methods
 
 log = logging.getLogger(__name__)
 
-ROW_ORDER = ["base", "one", "pool", "adapter-one", "prompt-one", "lora-one", "ncl",
-             "ncl-adapter", "ncl-lora", "ewc", "kd", "derpp", "hat", "demix", "dga", "das"]
 METRICS = {"mf1": "MF1", "acc": "Acc"}
 
 
@@ -43,9 +43,12 @@ def load_results(runs: Path) -> list[dict]:
     return results
 
 
-def _row_key(row: str) -> tuple[int, str]:
-    base = row.split()[0]
-    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), row)
+def _row_key(row: str) -> tuple[float, str]:
+    """Rows sort by the `table_rank` of the method their label starts with ("das w/o contrast"
+    sits with `das`), then by label; labels of unranked or unknown methods come last."""
+    method = available_methods().get(row.split()[0])
+    rank = method.table_rank if method is not None else None
+    return (math.inf if rank is None else rank, row)
 
 
 def _cell(values: list[float]) -> str:

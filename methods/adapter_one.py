@@ -10,6 +10,7 @@ from methods.isolation import AdapterArgs, IsolationMethod
 @register("adapter-one")
 class AdapterOne(IsolationMethod):
     """A bottleneck adapter per domain (AdapterHub `adapters`), LM frozen; task i uses adapter i."""
+    table_rank = 40
 
     Args = AdapterArgs
     kind = "adapter"

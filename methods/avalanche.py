@@ -268,6 +268,7 @@ class AvalancheMethod(Method):
     state_attrs: ClassVar[tuple[str, ...]] = ()  # the plugin's attributes saved with checkpoints
     own_backward: ClassVar[bool] = True  # runs backward passes of its own (one process only)
     patches: ClassVar[tuple[str, ...]] = ("restore_train_mode",)
+    table_rank = 145  # beside the other continual baselines, before DGA and DAS
 
     def __init__(self, args: Any = None) -> None:
         super().__init__(args)

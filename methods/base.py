@@ -69,6 +69,10 @@ class Method:
     # True when later domains cannot change task i's model (base, one, pool): the loop copies
     # A[t-1][i] into A[t][i] instead of fine-tuning task i again.
     past_tasks_unchanged: ClassVar[bool] = False
+    # Where the method's rows sit in tables (lower first). The built-ins follow the paper's
+    # Table 1: references, the isolation rows, NCL and its variants, the continual baselines,
+    # DAS. None: after every ranked method, by row label.
+    table_rank: ClassVar[int | None] = None
 
     def __init__(self, args: Any = None) -> None:
         self.args = args if args is not None else self.Args()

@@ -121,6 +121,7 @@ def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: f
 @register("das")
 class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
+    table_rank = 160
 
     Args = Args
 

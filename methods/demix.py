@@ -116,6 +116,7 @@ class ExpertMixture(nn.Module):
 @register("demix")
 class Demix(IsolationMethod):
     """DEMix: an adapter expert per domain, initialised from the lowest-perplexity expert."""
+    table_rank = 140
 
     Args = DemixArgs
     kind = "adapter"

@@ -74,6 +74,7 @@ class Args:
 @register("derpp")
 class DERpp(Method):
     """Reservoir replay of earlier sequences: α · MSE to stored outputs + β · replayed MLM."""
+    table_rank = 120
 
     Args = Args
 

@@ -28,12 +28,14 @@ from methods.modeling import copy_weights
 @register("dga")
 class DGA(DAS):
     """DAS restricted to attention heads (KL-proxy head importance, soft-masking, contrast)."""
+    table_rank = 150
 
 
 @register("dga-one")
 class DGAOne(DGA):
     """DGA per domain from θ0: that domain's KL-proxy head importance, soft-masking, contrast."""
 
+    table_rank = 155
     past_tasks_unchanged = True
 
     def before_domain(self, ctx, t: int) -> None:

@@ -56,6 +56,7 @@ class Args:
 @register("ewc")
 class EWC(Method):
     """L_mlm + λ/2 · Σ F (θ − θ*)², F the diagonal Fisher accumulated over earlier domains."""
+    table_rank = 100
 
     Args = Args
 

@@ -44,6 +44,7 @@ class Args:
 @register("hat")
 class HAT(Method):
     """Task-conditioned hard-attention gates on units; earlier domains' units are frozen."""
+    table_rank = 130
 
     Args = Args
     needs_domain_id = True

@@ -61,6 +61,7 @@ class Args:
 @register("kd")
 class Distillation(Method):
     """MLM + KL between the student's and a frozen teacher's last hidden states."""
+    table_rank = 110
 
     Args = Args
 

@@ -7,6 +7,7 @@ from methods.isolation import IsolationMethod, LoraArgs
 @register("lora-one")
 class LoraOne(IsolationMethod):
     """A LoRA module per domain (peft), LM frozen; task i uses LoRA i."""
+    table_rank = 60
 
     Args = LoraArgs
     kind = "lora"

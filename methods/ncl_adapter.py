@@ -7,6 +7,7 @@ from methods.isolation import AdapterArgs, IsolationMethod
 @register("ncl-adapter")
 class NclAdapter(IsolationMethod):
     """One shared bottleneck adapter (AdapterHub `adapters`) trained domain after domain."""
+    table_rank = 80
 
     Args = AdapterArgs
     kind = "adapter"

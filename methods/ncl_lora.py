@@ -7,6 +7,7 @@ from methods.isolation import IsolationMethod, LoraArgs
 @register("ncl-lora")
 class NclLora(IsolationMethod):
     """One shared LoRA module (peft) trained domain after domain, LM frozen."""
+    table_rank = 90
 
     Args = LoraArgs
     kind = "lora"

@@ -6,6 +6,7 @@ from methods import Method, register
 @register("base")
 class NoDap(Method):
     """No DAP-training: fine-tune θ0 on every end task."""
+    table_rank = 10
 
     past_tasks_unchanged = True
 

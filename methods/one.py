@@ -7,6 +7,7 @@ from methods.modeling import copy_weights
 @register("one")
 class OnePerDomain(Method):
     """DAP-train each domain alone from θ0; task i uses its own model."""
+    table_rank = 20
 
     past_tasks_unchanged = True
 

@@ -12,6 +12,7 @@ from methods import DapPlan, Method, register
 @register("pool")
 class Pooled(Method):
     """DAP-train once on the union of all corpora (upper-bound reference)."""
+    table_rank = 30
 
     past_tasks_unchanged = True
 

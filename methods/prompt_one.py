@@ -14,6 +14,7 @@ from methods.isolation import IsolationMethod, PromptArgs
 @register("prompt-one")
 class PromptOne(IsolationMethod):
     """A soft prompt per domain appended after the real tokens, LM frozen; task i uses prompt i."""
+    table_rank = 50
 
     Args = PromptArgs
     kind = "prompt"

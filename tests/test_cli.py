@@ -165,3 +165,22 @@ def test_every_shipped_preset_and_group_resolves_to_a_run_config():
             if cfg.method.startswith("avl-") and importlib.util.find_spec("avalanche") is None:
                 continue  # the [avalanche] extra's rows (tests/test_avalanche.py)
             build_method(cfg.method, cfg.method_args)  # unknown method arguments raise here
+
+
+def test_table_rows_follow_the_methods_table_rank(monkeypatch):
+    """Row order comes from each method's `table_rank` (tables.py names no method): a method
+    an outside package registers with a rank sits where its rank says; variants sit with their
+    method; labels of unknown or unranked methods come last, by label."""
+    import methods
+    from benchmark.record import load
+    from benchmark.tables import build_tables
+
+    class Mine(methods.Method):
+        table_rank = 15  # between base (10) and one (20)
+
+    monkeypatch.setitem(methods._REGISTRY, "mine", Mine)
+    record = load(next(Path("results/das-fidelity").rglob("ncl/**/result.json"))).to_dict()
+    labels = ["zz-unknown", "das w/o contrast", "one", "mine", "das", "base", "avl-si"]
+    results = [dict(record, row=label, method=label.split()[0]) for label in labels]
+    rows = list(build_tables(results)[0][1]["method"])
+    assert rows == ["base", "mine", "one", "avl-si", "das", "das w/o contrast", "zz-unknown"]
