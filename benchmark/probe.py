@@ -3,16 +3,17 @@
 `run --eval probe` fills A[t][i] with `probe_and_test` in place of `finetune_and_test`: the
 encoder after domain t is frozen, every train and test example of task i is embedded once, and
 scikit-learn's logistic regression is fitted on all training examples. It costs one forward pass
-per example, has no learning-rate schedule to get wrong and cannot silently collapse onto the
-majority class the way a 45-step fine-tuning does, so it measures what the DAP-trained
-representation holds at CPU cost. It is not the paper's protocol: the paper's numbers
+per example and has no learning-rate schedule to get wrong; with balanced class weights it does
+not settle on the majority class the way a 45-step fine-tuning does (a cell that does is still
+flagged, as for fine-tuning), so it measures what the DAP-trained representation holds at CPU
+cost. It is not the paper's protocol: the paper's numbers
 (SETTING.md) come from fine-tuning the whole encoder (`eval: finetune`, the default).
 
 Readout (`probe_pooling`): `mean` (default) is the attention-masked mean of the last hidden
 states; `first` is the first token's state ([CLS] / `<s>`), the one the stock heads of
 `AutoModelForSequenceClassification` read (training.py `task_model`). The default is `mean`
 because a frozen masked LM's first-token state is not trained to summarise the input: MLM never
-predicts it, RoBERTa has no next-sentence task, and BERT's pooler is missing from MLM
+masks it, RoBERTa has no next-sentence task, and BERT's pooler is missing from MLM
 checkpoints, so the stock head relies on fine-tuning to make [CLS] useful. The token states that
 MLM (and with it DAP-training) does train are read by the mean; all-MiniLM-L6-v2, real6's
 encoder, was itself trained for mean pooling.
