@@ -86,7 +86,7 @@ def as_benchmark(suite: str, profile: str = "default", order: int = 0,
     The returned `CLScenario` also carries what our evaluation needs: `.suite`, `.domains`,
     `.tokenizer`, `.config` (the suite profile's run config, `overrides` applied) and
     `.base_model()` (a fresh θ0 as `MaskedLogits`)."""
-    from benchmark.data import tokenize_corpus
+    from benchmark.data import dap_sequences
     from tasks import load_suite
 
     loaded = load_suite(suite, profile, data_dir=data_dir)
@@ -96,7 +96,8 @@ def as_benchmark(suite: str, profile: str = "default", order: int = 0,
     model, tokenizer, _ = load_base_model(loaded, config.base_model, cache)
     experiences = []
     for t, name in enumerate(names):
-        data = tokenize_corpus(loaded.domains[name].corpus, tokenizer, config.max_length)
+        data = dap_sequences(loaded.domains[name].corpus, tokenizer, config.max_length,
+                             config.group_texts)
         corpus = MaskedCorpus(list(data["input_ids"]), tokenizer, config.mlm_probability,
                               config.max_length, domain_seed(config.seed, 1, t))
         experiences.append(avalanche_dataset_of(corpus))

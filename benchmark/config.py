@@ -16,6 +16,7 @@ where a bad value here must be one line naming the file and the key.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -81,6 +82,10 @@ class RunConfig:
     dap_weight_decay: float = knob(0.0, "DAP weight decay", non_negative)
     mlm_probability: float = knob(0.15, "share of tokens masked", probability)
     max_length: int = knob(128, "tokens per sequence", positive)
+    group_texts: bool = knob(
+        False, "DAP sequences: the corpus concatenated and cut into chunks of max_length tokens "
+        "(the companion code's group_texts, ContinualLM utils/data.py l.110-123) instead of one "
+        "text per sequence", flag=True)
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0: no clipping)", non_negative)
     importance_batches: int = knob(8, "batches for importance / Fisher statistics", positive)
     head_warmup_steps: int = knob(
@@ -238,6 +243,8 @@ def add_flags(parser: Any) -> None:
             kwargs["choices"] = CHOICES[f.name]
         elif hint in (int, float):
             kwargs["type"] = hint
+        elif hint is bool:  # --group-texts / --no-group-texts
+            kwargs["action"] = argparse.BooleanOptionalAction
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

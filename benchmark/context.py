@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from benchmark.atomic import atomic_path, write_json_atomic
 from benchmark.config import RunConfig
-from benchmark.data import endless, mlm_loader, tokenize_corpus
+from benchmark.data import dap_sequences, endless, mlm_loader
 
 # the loop's phases and their seed streams (the numbers every committed result was made with)
 PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
@@ -70,10 +70,11 @@ class Context:
         return copy.deepcopy(self._base)
 
     def corpus(self, t: int) -> Dataset:
-        """Domain t's corpus, tokenised (column `input_ids`)."""
+        """Domain t's corpus as DAP sequences (column `input_ids`; grouped if `group_texts`)."""
         if t not in self._corpora:
             raw = self.suite.domains[self.domains[t]].corpus
-            self._corpora[t] = tokenize_corpus(raw, self.tokenizer, self.config.max_length)
+            self._corpora[t] = dap_sequences(raw, self.tokenizer, self.config.max_length,
+                                             self.config.group_texts)
         return self._corpora[t]
 
     def general_corpus(self) -> Dataset | None:
@@ -81,8 +82,9 @@ class Context:
         if self.suite.general_corpus is None:
             return None
         if "general" not in self._corpora:
-            self._corpora["general"] = tokenize_corpus(
-                self.suite.general_corpus, self.tokenizer, self.config.max_length)
+            self._corpora["general"] = dap_sequences(
+                self.suite.general_corpus, self.tokenizer, self.config.max_length,
+                self.config.group_texts)
         return self._corpora["general"]
 
     def mlm_batches(self, data: Dataset, seed: int, batch_size: int | None = None,

@@ -34,6 +34,36 @@ def tokenize_corpus(corpus: Dataset, tokenizer, max_length: int) -> Dataset:
                       desc="tokenising corpus", load_from_cache_file=True)
 
 
+def group_texts(corpus: Dataset, tokenizer, chunk_length: int) -> Dataset:
+    """Tokenise a `text` column whole, concatenate it and cut it into chunks of `chunk_length`.
+
+    The companion code's DAP sequences (ContinualLM `utils/data.py` l.110-123, applied in
+    `posttrain.py` l.149-179): every text is tokenised with its special tokens and without
+    truncation, the texts of each map batch of 1,000 are concatenated, and the concatenation is
+    cut into full chunks, its remainder dropped (kept as one short chunk only where the batch
+    holds less than one chunk). A chunk thus starts anywhere in a sentence and holds several.
+    """
+    _require_rows(corpus, "the corpus")
+
+    def chunk(batch):
+        flat = [i for ids in tokenizer(batch["text"])["input_ids"] for i in ids]
+        total = len(flat)
+        if total >= chunk_length:
+            total = total // chunk_length * chunk_length
+        return {"input_ids": [flat[i: i + chunk_length] for i in range(0, total, chunk_length)]}
+
+    return corpus.map(chunk, batched=True, batch_size=1000, remove_columns=corpus.column_names,
+                      desc=f"grouping texts in chunks of {chunk_length}",
+                      load_from_cache_file=True)
+
+
+def dap_sequences(corpus: Dataset, tokenizer, max_length: int, grouped: bool) -> Dataset:
+    """A corpus as MLM training sequences: one per text, or grouped chunks of `max_length`."""
+    if grouped:
+        return group_texts(corpus, tokenizer, max_length)
+    return tokenize_corpus(corpus, tokenizer, max_length)
+
+
 def tokenize_task(split: Dataset, tokenizer, max_length: int) -> Dataset:
     """Tokenise an end-task split (`text`, optional `text_pair`, `label`)."""
     _require_rows(split, "an end-task split")

@@ -186,7 +186,8 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     if cfg.head_warmup_steps:
         record.head_warmup_loss = warm_up_mlm_head(
             model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
-            cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability)
+            cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
+            group_texts=cfg.group_texts)
     ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
                   accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))
     method.setup(ctx)

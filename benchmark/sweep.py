@@ -401,6 +401,16 @@ def estimate_seconds(cfg: RunConfig, suite, method, rates: dict[str, float] | No
     return dap + ft_steps * rate["ft"] + rate.get("overhead", 0.0)
 
 
+def _total_seconds(cell: Cell) -> float | None:
+    """The wall time a finished cell's run recorded (`timings.total_s`), if it did."""
+    try:
+        timings = json.loads((cell.run_dir / RESULT).read_text()).get("timings") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    total = timings.get("total_s")
+    return float(total) if isinstance(total, (int, float)) and total > 0 else None
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
@@ -410,10 +420,15 @@ def dry_run(cells: list[Cell], grid: Grid, jobs: int, rates: dict | None = None)
 
     rows, counts = [], {"done": 0, "running": 0, "killed": 0, "todo": 0}
     left = unknown = 0.0
+    took, foreseen, timed = 0.0, 0.0, 0  # finished cells: their wall time and their estimate
     for cell in cells:
         status = cell_status(cell)
         counts[status] += 1
         est = cell.estimate_s
+        if status == "done" and est:
+            seconds = _total_seconds(cell)
+            if seconds:
+                took, foreseen, timed = took + seconds, foreseen + est, timed + 1
         if status != "done":
             if est is None:
                 unknown += 1
@@ -431,6 +446,13 @@ def dry_run(cells: list[Cell], grid: Grid, jobs: int, rates: dict | None = None)
         source = "--s-per-step" if rates else f"measured {MEASURED_NOTE} (sweep.py MEASURED)"
         lines.append(f"estimated time of the cells left: {_hours(left)} of cell time at the "
                      f"s/step {source}; {_hours(left / max(1, jobs))} wall at --jobs {jobs}")
+        if timed:
+            # this machine, as loaded as it was: what the finished cells took against their
+            # estimate scales the rest (a model of s/step only holds on the machine it came from)
+            ratio = took / foreseen
+            lines.append(f"the {timed} finished cells took ×{ratio:.2f} their estimate: "
+                         f"{_hours(left * ratio)} of cell time left at that pace, "
+                         f"{_hours(left * ratio / max(1, jobs))} wall at --jobs {jobs}")
     if unknown:
         lines.append(f"{int(unknown)} cells have no estimate: no s/step measured for their "
                      "suite/profile (pass --s-per-step ncl=..,das=..,ft=..)")

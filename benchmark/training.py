@@ -115,12 +115,13 @@ def check_in_sync(model: nn.Module, acc: Accelerator) -> None:
 def train_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_size: int,
               lr: float, max_length: int, seed: int, params: list[nn.Parameter] | None = None,
               weight_decay: float = 0.01, mlm_probability: float = 0.15,
-              max_grad_norm: float | None = 1.0, desc: str = "MLM") -> list[float]:
+              max_grad_norm: float | None = 1.0, desc: str = "MLM",
+              group_texts: bool = False) -> list[float]:
     """Plain MLM training of `params` (default: all), deterministic for a seed; the losses."""
-    from benchmark.data import tokenize_corpus
+    from benchmark.data import dap_sequences
 
     set_seed(seed)
-    data = tokenize_corpus(corpus, tokenizer, max_length)
+    data = dap_sequences(corpus, tokenizer, max_length, group_texts)
     batches = endless(mlm_loader(data, tokenizer, batch_size, mlm_probability, seed))
     params = list(model.parameters()) if params is None else params
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -151,7 +152,7 @@ def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch
 
 def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
                      batch_size: int, lr: float, max_length: int, mlm_probability: float,
-                     seed: int = 0) -> list[float]:
+                     seed: int = 0, group_texts: bool = False) -> list[float]:
     """Train only the LM head's own weights on `corpus`, the encoder frozen; return the losses.
 
     For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2), so that DAP does not begin
@@ -170,7 +171,8 @@ def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
     with torch.random.fork_rng(devices=[]):
         losses = train_mlm(model, tokenizer, corpus, steps, batch_size, lr, max_length, seed,
                            params=head, weight_decay=0.0, mlm_probability=mlm_probability,
-                           max_grad_norm=None, desc="MLM head warm-up")
+                           max_grad_norm=None, desc="MLM head warm-up",
+                           group_texts=group_texts)
     for p, flag in trainable.items():
         p.requires_grad_(flag)
     return losses

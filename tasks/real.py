@@ -58,6 +58,8 @@ DAS6_DEFAULTS: dict[str, Any] = dict(
     dap_steps=2580, dap_batch_size=248, dap_lr=1e-4, dap_warmup=0.1, dap_weight_decay=0.0,
     mlm_probability=0.15, max_length=164, ft_epochs=5, ft_lr=3e-5, ft_batch_size=16,
     ft_weight_decay=0.01, importance_batches=100, mixed_precision="fp16",
+    group_texts=True,  # DAP on 164-token chunks of concatenated text (ContinualLM
+    # posttrain.py l.149-179 maps utils/data.py l.110-123's group_texts over the corpus)
 )
 
 

@@ -154,6 +154,21 @@ def test_dry_run_lists_cells_and_counts_done(tmp_path, capsys):
     assert "syn6-tiny/ncl/order0/seed2021 | killed" in printed
 
 
+def test_dry_run_scales_the_estimate_by_what_finished_cells_took(tmp_path, capsys):
+    """The s/step model comes from another machine; the finished cells' recorded wall time
+    against their estimate rescales what is left."""
+    grid = write_grid(tmp_path / "grid.yaml", methods=["ncl"], orders=[0])
+    out = tmp_path / "out"
+    rates = ["--s-per-step", "ncl=1,das=1,ft=0,overhead=0"]  # tiny ncl: 3 domains x 2 steps = 6 s
+    done = out / "syn6-tiny" / "ncl" / "order0" / "seed2021"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text('{"finished": true, "timings": {"total_s": 3.0}}')
+    assert main([str(grid), "--out", str(out), "--dry-run", *rates]) == 0
+    printed = capsys.readouterr().out
+    assert "estimated time of the cells left: 0.0 h" in printed
+    assert "the 1 finished cells took ×0.50 their estimate" in printed
+
+
 def test_paper_grid_has_every_row_on_five_orders_and_three_seeds(tmp_path):
     from benchmark.sweep import load_grid
 
