@@ -20,7 +20,6 @@ from benchmark.probe import probe_and_test
 from benchmark.record import load
 from benchmark.training import finetune_and_test
 
-ROOT = Path(__file__).parent.parent
 PAD, MARKERS = 0, (5, 6)
 
 
@@ -71,32 +70,40 @@ def test_a_fine_tuning_that_predicts_one_class_is_detected():
     assert not healthy.collapsed and healthy.acc > 80
 
 
-def test_a_probe_run_records_its_protocol_and_the_table_names_it(tmp_path, capsys):
-    out = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory) -> Path:
+    """The result file of one tiny `one` run under `--eval probe`."""
+    out = tmp_path_factory.mktemp("probe-run")
     assert main(["run", "--profile", "tiny", "--method", "one", "--eval", "probe",
                  "--dap-steps", "2", "--out", str(out), "--no-table"]) == 0
-    record = load(next(out.rglob("result.json")))
+    return next(out.rglob("result.json"))
+
+
+def test_a_probe_run_records_its_protocol_and_the_table_names_it(probe_run, capsys):
+    record = load(probe_run)
     assert record.protocol == "probe" and record.config["eval"] == "probe"
+    assert record.schema == 3
     assert [len(row) for row in record.collapsed] == [len(row) for row in record.mf1]
     assert all(isinstance(v, bool) for row in record.collapsed for v in row)
     capsys.readouterr()
-    assert main(["table", "--runs", str(out)]) == 0
+    assert main(["table", "--runs", str(probe_run.parents[4])]) == 0
     assert "A[T][i] by linear probe" in capsys.readouterr().out
 
 
-def _copy_record(tmp_path: Path, name: str, **changes) -> Path:
-    """A committed syn6 result (schema 1: no protocol, no collapse flags), changed."""
-    source = next((ROOT / "results" / "syn6" / "syn6-default" / "ncl").rglob("result.json"))
-    data = {**json.loads(source.read_text()), **changes}
+def _write(tmp_path: Path, name: str, template: Path, drop: tuple[str, ...] = (),
+           **changes) -> Path:
+    data = {k: v for k, v in json.loads(template.read_text()).items() if k not in drop}
     path = tmp_path / name / "result.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({**data, **changes}))
     return path
 
 
-def test_an_old_record_loads_as_fine_tuning_with_no_collapse_known(tmp_path, capsys):
-    record = load(_copy_record(tmp_path, "old"))
-    assert record.schema == 1 and record.protocol == "finetune"
+def test_an_old_record_loads_as_fine_tuning_with_no_collapse_known(probe_run, tmp_path, capsys):
+    # what files written before schema 3 hold: no protocol, no collapse flags
+    old = _write(tmp_path, "old", probe_run, drop=("protocol", "collapsed"), schema=2)
+    record = load(old)
+    assert record.schema == 2 and record.protocol == "finetune"
     assert [len(row) for row in record.collapsed] == [len(row) for row in record.mf1]
     assert all(v is None for row in record.collapsed for v in row)
     assert main(["table", "--runs", str(tmp_path)]) == 0
@@ -104,26 +111,23 @@ def test_an_old_record_loads_as_fine_tuning_with_no_collapse_known(tmp_path, cap
     assert "A[T][i] by fine-tuning" in out and "ᶜ" not in out
 
 
-def test_the_table_marks_a_collapsed_cell_and_says_what_it_means(tmp_path, capsys):
-    data = json.loads(_copy_record(tmp_path, "template").read_text())
+def test_the_table_marks_a_collapsed_cell_and_says_what_it_means(probe_run, tmp_path, capsys):
+    data = json.loads(probe_run.read_text())
     flags = [[False] * len(row) for row in data["mf1"]]
-    flags[-1][2] = True  # the last row's third task collapsed in one seed
-    _copy_record(tmp_path, "a", collapsed=flags, schema=3)
-    _copy_record(tmp_path, "b", seed=1, collapsed=[[False] * len(r) for r in data["mf1"]],
-                 schema=3)
-    (tmp_path / "template" / "result.json").unlink()
+    flags[-1][1] = True  # the last row's second task collapsed in one of two seeds
+    _write(tmp_path, "a", probe_run, collapsed=flags)
+    _write(tmp_path, "b", probe_run, seed=1, collapsed=[[False] * len(r) for r in data["mf1"]])
     assert main(["table", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("| ncl"))
+    row = next(line for line in out.splitlines() if line.startswith("| one"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    domains = data["domains"]
-    assert cells[2 + 2].endswith("ᶜ") and sum(c.endswith("ᶜ") for c in cells) == 1
-    assert domains[2] in out and "every test prediction of the cell was one class" in out
+    assert cells[2 + 1].endswith("ᶜ") and sum(c.endswith("ᶜ") for c in cells) == 1
+    assert "every test prediction of the cell was one class" in out
 
 
-def test_a_table_mixing_protocols_warns_and_says_so(tmp_path, capsys, caplog):
-    _copy_record(tmp_path, "a", schema=3, protocol="finetune")
-    _copy_record(tmp_path, "b", schema=3, protocol="probe", row="ncl-probe")
+def test_a_table_mixing_protocols_warns_and_says_so(probe_run, tmp_path, capsys, caplog):
+    _write(tmp_path, "a", probe_run, protocol="finetune", row="one-finetuned")
+    _write(tmp_path, "b", probe_run)
     with caplog.at_level(logging.WARNING):
         assert main(["table", "--runs", str(tmp_path)]) == 0
     assert any("mixes end-task protocols" in r.getMessage() for r in caplog.records)
