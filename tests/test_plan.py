@@ -148,14 +148,14 @@ def test_files_follow_the_umask(tmp_path):
 def test_old_result_files_load_and_new_ones_carry_schema_and_theta0(tmp_path):
     from benchmark.record import SCHEMA, load
 
-    old = next((ROOT / "results" / "syn6").rglob("result.json"))
+    old = next((ROOT / "results" / "real6").rglob("result.json"))
     record = load(old)
     assert record.schema == 1 and record.base_fingerprint is None and record.finished
     assert SCHEMA == 3
 
 
 def _record(tmp_path: Path, name: str, **changes) -> Path:
-    base = next((ROOT / "results" / "syn6" / "syn6-default" / "ncl").rglob("result.json"))
+    base = next((ROOT / "results" / "real6" / "real6-default" / "ncl").rglob("result.json"))
     data = {**json.loads(base.read_text()), **changes}
     path = tmp_path / name / "result.json"
     path.parent.mkdir(parents=True)
