@@ -179,7 +179,8 @@ def test_table_rows_follow_the_methods_table_rank(monkeypatch):
         table_rank = 15  # between base (10) and one (20)
 
     monkeypatch.setitem(methods._REGISTRY, "mine", Mine)
-    record = load(next(Path("results/das-fidelity").rglob("ncl/**/result.json"))).to_dict()
+    runs = Path(__file__).parent.parent / "results" / "das-fidelity"
+    record = load(next(runs.rglob("ncl/**/result.json"))).to_dict()
     labels = ["zz-unknown", "das w/o contrast", "one", "mine", "das", "base", "avl-si"]
     results = [dict(record, row=label, method=label.split()[0]) for label in labels]
     rows = list(build_tables(results)[0][1]["method"])
