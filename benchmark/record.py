@@ -73,8 +73,8 @@ class RunRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         known.setdefault("schema", 1)
-        if "collapsed" not in known and isinstance(known.get("mf1"), list):
-            known["collapsed"] = [[None] * len(row) for row in known["mf1"]]
+        if isinstance(known.get("mf1"), list):  # one flag per cell of mf1; None: not recorded
+            known["collapsed"] = _shaped_like(known.get("collapsed"), known["mf1"])
         if known["schema"] > SCHEMA:
             raise DamagedFile(f"{source}: schema {known['schema']} is newer than this "
                               f"package's ({SCHEMA}); update the package")
@@ -82,6 +82,19 @@ class RunRecord:
             return cls(**known)
         except TypeError as err:  # a required key missing
             raise DamagedFile(f"{source}: not a result record ({err})") from None
+
+
+def _shaped_like(flags: Any, rows: list) -> list[list[bool | None]]:
+    """`collapsed` cut or padded with None to the shape of `mf1`: files made before schema 3
+    have none, and a progress file written while the package was being upgraded under a running
+    process can hold fewer rows than `mf1` (resume would otherwise stop at the next cell)."""
+    flags = flags if isinstance(flags, list) else []
+    shaped = []
+    for t, row in enumerate(rows):
+        have = flags[t] if t < len(flags) and isinstance(flags[t], list) else []
+        width = len(row) if isinstance(row, list) else 0
+        shaped.append((list(have) + [None] * width)[:width])
+    return shaped
 
 
 def save(path: Path, record: RunRecord) -> None:

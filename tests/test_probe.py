@@ -132,3 +132,17 @@ def test_a_table_mixing_protocols_warns_and_says_so(probe_run, tmp_path, capsys,
         assert main(["table", "--runs", str(tmp_path)]) == 0
     assert any("mixes end-task protocols" in r.getMessage() for r in caplog.records)
     assert "MIXED protocols (fine-tuning, linear probe)" in capsys.readouterr().out
+
+
+def test_collapse_flags_are_shaped_like_mf1_whatever_the_file_holds():
+    """A progress file with fewer flag rows than mf1 rows (written while the package was
+    upgraded under a running process) loads with None flags, so --resume can go on."""
+    from benchmark.record import RunRecord
+
+    base = {"suite": "syn6", "profile": "tiny", "synthetic": True, "method": "ncl", "row": "ncl",
+            "order": 0, "seed": 1, "domains": ["a", "b"], "needs_domain_id": False,
+            "config": {}, "schema": 3, "mf1": [[50.0], [40.0, None]]}
+    for flags in ([], [[True]], [[True, False, True]]):
+        record = RunRecord.from_dict({**base, "collapsed": flags})
+        assert [len(row) for row in record.collapsed] == [1, 2]
+    assert RunRecord.from_dict({**base, "collapsed": [[True]]}).collapsed == [[True], [None, None]]
