@@ -148,7 +148,7 @@ def test_files_follow_the_umask(tmp_path):
 def test_old_result_files_load_and_new_ones_carry_schema_and_theta0(tmp_path):
     from benchmark.record import SCHEMA, load
 
-    old = next((ROOT / "results" / "real6").rglob("result.json"))
+    old = next((ROOT / "results" / "real6" / "real6-default").rglob("result.json"))
     record = load(old)
     assert record.schema == 1 and record.base_fingerprint is None and record.finished
     assert SCHEMA == 3
