@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--config", help="a group preset: only its rows, in its order")
     table.add_argument("--timings", action="store_true",
                        help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
+    table.add_argument("--dap-loss", action="store_true", dest="dap_loss",
+                       help="the DAP training loss at the end of each domain per row instead")
     table.add_argument("--paper-metrics", action="store_true", dest="paper_metrics",
                        help="the paper's per-task metric: micro-F1 (= Acc) for pubmed/ChemProt, "
                             "MF1 elsewhere")
@@ -217,7 +219,9 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_table(args: argparse.Namespace) -> int:
     from benchmark.tables import (
+        DAP_LOSS_NOTE,
         TIMINGS_NOTE,
+        build_dap_loss_tables,
         build_tables,
         build_timing_tables,
         load_results,
@@ -234,6 +238,8 @@ def command_table(args: argparse.Namespace) -> int:
             rows.append(preset.get("label") or preset.get("method") or source)
     if args.timings:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
+    elif args.dap_loss:
+        print(render(build_dap_loss_tables(results, rows), args.format, DAP_LOSS_NOTE))
     elif args.paper_metrics or args.pooled:
         print(render(_table_view(results, rows, args.paper_metrics, args.pooled), args.format,
                      _table_note(args.paper_metrics, args.pooled)))

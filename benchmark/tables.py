@@ -186,11 +186,56 @@ def build_timing_tables(
     return tables
 
 
+
+def final_dap_loss(losses: list[float], steps: int, share: float = 0.2) -> float | None:
+    """Mean of a domain's DAP losses logged in its last `share` of steps (None: no DAP).
+
+    The loop logs the loss every `LOSS_EVERY` steps and at the last step; a record whose list
+    does not have that length (another writer) falls back to the last `share` of its entries.
+    """
+    from benchmark.training import LOSS_EVERY
+
+    if not losses:
+        return None
+    logged = list(range(0, steps, LOSS_EVERY))
+    if steps and logged[-1] != steps - 1:
+        logged.append(steps - 1)
+    if len(logged) == len(losses):
+        tail = [v for s, v in zip(logged, losses, strict=True) if s >= (1 - share) * steps]
+    else:
+        tail = losses[-max(1, round(share * len(losses))):]
+    return float(np.mean(tail))
+
+
+def build_dap_loss_tables(
+    results: list[dict], rows: list[str] | None = None
+) -> list[tuple[str, pd.DataFrame]]:
+    """Per row and domain, the loss at the end of that domain's DAP-training, mean over seeds:
+    whether a row learns each domain at all (e.g. isolation rows against `one`)."""
+    tables = []
+    for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
+        records = []
+        for row in wanted:
+            record = {"method": row, "seeds": len(by_row[row])}
+            for t, domain in enumerate(domains):
+                values = [final_dap_loss(r["dap_loss"][t], r["dap_steps"][t])
+                          for r in by_row[row] if len(r.get("dap_loss", [])) > t]
+                values = [v for v in values if v is not None]
+                record[domain] = f"{np.mean(values):.3f}" if values else "–"
+            records.append(record)
+        heading = (f"{suite} ({profile}), order {order}: DAP training loss at the end of each "
+                   "domain (mean of the last 20 % of its steps), mean over seeds")
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
 METRICS_NOTE = (
     "† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged matrices "
     "(negative = backward transfer). KT: gain over `one`; vs-base: gain over `base`. Gen. MLM Δ: "
     "change of the MLM loss on the held-out general corpus from the base model to the end of "
     "the sequence (general-knowledge retention; lower is better).")
+DAP_LOSS_NOTE = ("The training loss each row optimises (L_mlm plus the method's own terms: "
+                 "KD's distillation, DAS's contrast, ...); –: no DAP-training (base); `pool` "
+                 "trains once, on all corpora, shown under the first domain.")
 TIMINGS_NOTE = ("Wall times compare only between runs made together, under the same load and "
                 "thread count; × ncl: total time over the `ncl` row's.")
 

@@ -122,6 +122,11 @@ def test_run_writes_result_and_table_rebuilds_it(tmp_path, capsys):
     heading, header, ncl_row = capsys.readouterr().out.splitlines()[:3]
     assert "wall time per run" in heading and header.endswith("× ncl")
     assert ncl_row.startswith("ncl,1,") and ncl_row.endswith(",1.00")  # ncl against itself
+    # the DAP loss view: the tiny profile's 8 steps log steps 0 and 7; the last 20 % is step 7
+    assert main(["table", "--runs", str(out), "--dap-loss", "--format", "csv"]) == 0
+    heading, header, ncl_row = capsys.readouterr().out.splitlines()[:3]
+    assert "DAP training loss" in heading and header == "method,seeds,restaurant,acl,ai"
+    assert ncl_row.split(",")[2:] == [f"{losses[-1]:.3f}" for losses in result["dap_loss"]]
     # a second run into the same place is refused rather than overwritten
     assert main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -185,3 +190,14 @@ def test_table_rows_follow_the_methods_table_rank(monkeypatch):
     results = [dict(record, row=label, method=label.split()[0]) for label in labels]
     rows = list(build_tables(results)[0][1]["method"])
     assert rows == ["base", "mine", "one", "avl-si", "das", "das w/o contrast", "zz-unknown"]
+
+
+def test_final_dap_loss_averages_the_losses_logged_in_the_last_fifth_of_the_steps():
+    from benchmark.tables import final_dap_loss
+
+    # 100 steps log steps 0, 10, ..., 90 and 99: the last fifth is steps 80, 90, 99
+    losses = [float(k) for k in range(11)]
+    assert final_dap_loss(losses, 100) == pytest.approx((8 + 9 + 10) / 3)
+    assert final_dap_loss([], 0) is None  # a row that does not DAP-train (base)
+    # a list another writer logged differently: the last fifth of its entries
+    assert final_dap_loss([5.0, 4.0, 3.0, 2.0, 1.0], 100) == 1.0
