@@ -164,7 +164,7 @@ def summary_bars(by_row: dict[str, list[dict]], wanted: list[str],
 
 def loss_curves(by_row: dict[str, list[dict]], wanted: list[str], domains: list[str],
                 styles: dict, folder: Path, fmt: str, written: list[Path]) -> None:
-    from benchmark.training import LOSS_EVERY
+    from benchmark.training import LOSS_EVERY, logged_steps
 
     plt = _pyplot()
     size = len(domains)
@@ -181,7 +181,7 @@ def loss_curves(by_row: dict[str, list[dict]], wanted: list[str], domains: list[
                 continue
             length = min(len(c) for c in curves)
             steps = by_row[row][0]["dap_steps"][t]
-            xs = [min(k * LOSS_EVERY, steps - 1) for k in range(length)]
+            xs = logged_steps(length, steps)
             ax.plot(xs, np.mean([c[:length] for c in curves], axis=0), label=row,
                     linewidth=1, **styles[row])
             drawn = True

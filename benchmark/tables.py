@@ -186,25 +186,16 @@ def build_timing_tables(
     return tables
 
 
-
 def final_dap_loss(losses: list[float], steps: int, share: float = 0.2) -> float | None:
-    """Mean of a domain's DAP losses logged in its last `share` of steps (None: no DAP).
-
-    The loop logs the loss every `LOSS_EVERY` steps and at the last step; a record whose list
-    does not have that length (another writer) falls back to the last `share` of its entries.
-    """
-    from benchmark.training import LOSS_EVERY
+    """Mean of a domain's DAP losses recorded in its last `share` of steps (None: no DAP); a
+    list too sparse to have one there gives the last `share` of its entries."""
+    from benchmark.training import logged_steps
 
     if not losses:
         return None
-    logged = list(range(0, steps, LOSS_EVERY))
-    if steps and logged[-1] != steps - 1:
-        logged.append(steps - 1)
-    if len(logged) == len(losses):
-        tail = [v for s, v in zip(logged, losses, strict=True) if s >= (1 - share) * steps]
-    else:
-        tail = losses[-max(1, round(share * len(losses))):]
-    return float(np.mean(tail))
+    tail = [v for s, v in zip(logged_steps(len(losses), steps), losses, strict=True)
+            if s >= (1 - share) * steps]
+    return float(np.mean(tail or losses[-max(1, round(share * len(losses))):]))
 
 
 def build_dap_loss_tables(
@@ -227,6 +218,7 @@ def build_dap_loss_tables(
                    "domain (mean of the last 20 % of its steps), mean over seeds")
         tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
+
 
 METRICS_NOTE = (
     "† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged matrices "

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 LOSS_EVERY = 10  # record the DAP loss every this many steps
 
 
+def logged_steps(count: int, steps: int) -> list[int]:
+    """The DAP steps of a domain's `count` recorded losses: every `LOSS_EVERY`-th step, and the
+    last step where a writer records it too (the loop does; the Avalanche evaluator does not)."""
+    return [min(k * LOSS_EVERY, steps - 1) for k in range(count)]
+
+
 def domain_seed(seed: int, *parts: int) -> int:
     """A seed for one phase of a run, independent of everything before it (resume-safe)."""
     value = seed
