@@ -4,7 +4,13 @@
 It is pretrained on one thread whatever the run's thread count: PyTorch's CPU kernels split
 reductions differently with the number of threads, and 800 steps turn those last-bit
 differences into a different θ0 (general MLM loss 1.71611 at 1 thread against 1.71621 at 2),
-which moves a seed's average MF1 by 2–3 points. It is cached under the user cache dir
+which moves a seed's average MF1 by 2–3 points. The CPU's instruction set does the same: MKL and
+ATen dispatch to other kernels on another CPU, so a θ0 rebuilt on another kind of machine differs
+(the syn6 θ0 of the committed tables, ca5e9c4d…, was built on an earlier machine; on an
+AVX512+AMX Xeon the same code gives 008dc1bc…, and 7c66c6e1… with `ATEN_CPU_CAPABILITY=avx2
+MKL_CBWR=AVX2`; none of six kernel settings tried there gave ca5e9c4d…). Tables therefore come
+from one θ0 (`tables.py` warns when they mix), and every result and cached θ0 records the CPU
+(`cpu_description`). It is cached under the user cache dir
 (`--cache-dir` or `CDAP_CACHE`), keyed by a hash of its spec, vocabulary, corpus and `BUILD`,
 written atomically with its fingerprint (`fingerprint`: sha256 of the state dict, recorded in
 every result), checked against that fingerprint when reused, and rebuilt if damaged.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import shutil
 import time
 from contextlib import contextmanager
@@ -40,6 +47,26 @@ log = logging.getLogger(__name__)
 BUILD = 2
 FINGERPRINT = "fingerprint.json"
 cache_dir = cache_root  # the old name
+
+
+def cpu_description() -> str:
+    """The CPU model and the kernel set PyTorch dispatches to, e.g. "AVX512 amx; Intel(R) Xeon(R)".
+
+    θ0's bits (syn-base is pretrained here) depend on it: MKL and ATen pick other kernels on
+    another instruction set, and the rounding differences grow over 800 steps into another θ0."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    extra = " amx" if "amx_tile" in flags else ""
+    return f"{torch.backends.cpu.get_cpu_capability()}{extra}; {model}"
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -160,7 +187,8 @@ def load_base_model(suite, override: str = "", cache: str | None = None):
     with atomic_path(path, keep_existing=True) as tmp:  # another process may finish first
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / FINGERPRINT, {"sha256": sha, "build": BUILD})
+        write_json_atomic(tmp / FINGERPRINT, {"sha256": sha, "build": BUILD,
+                                                  "cpu": cpu_description()})
     log.info("pretrained and cached base model at %s (fingerprint %s)", path, sha[:12])
     return model, tokenizer, time.perf_counter() - start
 

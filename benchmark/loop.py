@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from benchmark.atomic import DamagedFile, read_json
-from benchmark.basemodel import fingerprint, load_base_model
+from benchmark.basemodel import cpu_description, fingerprint, load_base_model
 from benchmark.checkpoint import (
     CHECKPOINT,
     find_checkpoint,
@@ -73,7 +73,8 @@ def environment() -> dict[str, Any]:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads()}
+    return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads(),
+            "cpu": cpu_description()}
 
 
 def _crash_point(stage: str, t: int) -> None:

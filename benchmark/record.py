@@ -34,6 +34,7 @@ class RunRecord:
     versions: dict[str, Any] = field(default_factory=dict)  # python and package versions
     git_commit: str | None = None
     threads: int | None = None  # torch threads of the run (does not move its numbers)
+    cpu: str | None = None  # loop.cpu_description() (None: not recorded, before 2026-12-01)
     base_fingerprint: str | None = None  # sha256 of θ0's state dict (None: unknown, schema 1)
     # A[t][i]: row t (after domain t) holds one cell per task i <= t; None = not evaluated
     mf1: list[list[float | None]] = field(default_factory=list)

@@ -84,6 +84,7 @@ def _configs_html(results: list[dict]) -> str:
             versions[name].add(str(value))
         versions["git commit"].add(str(res.get("git_commit")))
         versions["threads"].add(str(res.get("threads")))
+        versions["cpu"].add(str(res.get("cpu")))
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(', '.join(sorted(v)))}</td></tr>"
                    for k, v in versions.items())
     parts = [f'<table class="result"><tr><th>package</th><th>versions in these runs</th></tr>'

@@ -17,8 +17,10 @@ Everything is generated from fixed seeds: the same suite on every machine.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from datasets import Dataset
 
@@ -58,6 +60,14 @@ class Profile:
     task_examples_test: int = 6
     hint_rate: float = 0.15
     n_domains: int = 6
+    # syn6v2: entity names are written as 2..name_pieces pieces from a pool of `piece_pool`
+    # made-up sub-words; the general corpus trains every piece by mentioning `general_names`
+    # other compositions of them, each `mentions_per_general_name` times, in sentences that
+    # reveal no type (0: v1, every name one token of its own that θ0 never sees)
+    name_pieces: int = 0
+    piece_pool: int = 0
+    general_names: int = 0
+    mentions_per_general_name: int = 0
 
 
 PROFILES = {
@@ -123,6 +133,38 @@ def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
     return words
 
 
+# sentences of the general corpus that mention a name and say nothing of its type
+MENTIONS = [
+    "we talked about the {e} .",
+    "there is the {e} .",
+    "it seems the {e} was here .",
+    "i saw the {e} today .",
+    "my friend liked the {e} .",
+]
+
+
+def _compositions(rng: random.Random, pieces: list[str], count: int, longest: int,
+                  taken: set[str]) -> list[str]:
+    """`count` distinct words of 2..`longest` pieces, unique against `taken` (updated).
+
+    Pieces are dealt from a reshuffled deck, so every piece is used about equally often: a
+    piece occurs in a few words of unrelated types, as a real tokeniser's sub-words do."""
+    deck: list[str] = []
+    words: list[str] = []
+    while len(words) < count:
+        size = rng.randint(2, longest)
+        if len(deck) < size:
+            deck += rng.sample(pieces, len(pieces))
+        word = " ".join(deck[:size])
+        if len(set(deck[:size])) == size and word not in taken:
+            taken.add(word)
+            words.append(word)
+            del deck[:size]
+        else:  # keep the pieces in play: the first goes to the back of the deck
+            deck.append(deck.pop(0))
+    return words
+
+
 def _describe(rng: random.Random, subject: str, adjectives: list[str]) -> str:
     """One corpus sentence about `subject`; the main shape is most of the corpus."""
     a, b = rng.sample(adjectives, 2)
@@ -149,8 +191,18 @@ def build_world(profile: Profile) -> dict:
     adjectives = [
         _pseudo_words(rng, profile.adjectives_per_type, taken) for _ in range(profile.n_types)
     ]
+    mentioned: list[str] = []
+    if profile.name_pieces:  # v2: names composed of pieces the general corpus trains
+        if 2 * profile.general_names < profile.piece_pool:
+            raise ValueError(f"general_names {profile.general_names} cannot cover piece_pool "
+                             f"{profile.piece_pool}: some pieces would stay untrained")
+        pieces = _pseudo_words(rng, profile.piece_pool, taken)
+        names = _compositions(rng, pieces, profile.name_pool, profile.name_pieces, taken)
+        # other compositions of the same pieces, mentioned in the general corpus without a type
+        mentioned = _compositions(rng, pieces, profile.general_names, profile.name_pieces, taken)
+    else:  # v1: every name one token θ0 never sees
+        names = _pseudo_words(rng, profile.name_pool, taken)
     all_adjectives = [a for group in adjectives for a in group]
-    names = _pseudo_words(rng, profile.name_pool, taken)
 
     general = []
     for t, group in enumerate(nouns):
@@ -159,6 +211,11 @@ def build_world(profile: Profile) -> dict:
                 general.append(_describe(rng, noun, adjectives[t]))
     rng.shuffle(general)
     held_out = max(64, len(general) // 20)
+    general_train = general[held_out:]
+    if mentioned:  # pretraining only: every piece is trained, the held-out set stays v1's kind
+        general_train += [rng.choice(MENTIONS).format(e=name) for name in mentioned
+                          for _ in range(profile.mentions_per_general_name)]
+        rng.shuffle(general_train)
 
     world_rng = random.Random(WORLD_SEED)
     # class -> hidden type, per domain; camera borrows phone's, ai shares three with acl
@@ -198,7 +255,8 @@ def build_world(profile: Profile) -> dict:
         adjectives=adjectives,
         all_adjectives=all_adjectives,
         names=names,
-        general_train=general[held_out:],
+        mentioned=mentioned,
+        general_train=general_train,
         general_test=general[:held_out],
         permutations=permutations,
         entities=entities,
@@ -262,23 +320,33 @@ def _domain(world: dict, profile: Profile, name: str, n_classes: int, place: str
 
 
 def vocabulary(world: dict) -> list[str]:
+    """The word-level vocabulary: a v2 name adds its pieces, a v1 one itself."""
     words = list(SPECIAL_TOKENS) + list(FUNCTION_WORDS) + [p for _, _, p in DOMAINS]
-    words += [w for g in world["nouns"] for w in g] + world["all_adjectives"] + world["names"]
+    words += [w for g in world["nouns"] for n in g for w in n.split()]
+    words += world["all_adjectives"] + [w for n in world["names"] for w in n.split()]
+    words += [w for n in world["mentioned"] for w in n.split()]
     seen: set[str] = set()
     return [w for w in words if not (w in seen or seen.add(w))]
 
 
-@register_suite("syn6", ("default", "tiny"), "synthetic six-domain world (offline, CPU minutes)")
-def build_syn6(profile: str) -> Suite:
-    spec = PROFILES[profile]
+PROFILES_V2 = {
+    "default": dataclasses.replace(PROFILES["default"], name_pieces=2, piece_pool=400,
+                                   general_names=300, mentions_per_general_name=8),
+    "tiny": dataclasses.replace(PROFILES["tiny"], name_pieces=2, piece_pool=120,
+                                general_names=60, mentions_per_general_name=4),
+}
+
+
+def build_suite(name: str, spec: Profile, profile: str) -> Suite:
+    """The suite `name` generated from `spec`, with the profile's θ0 and training defaults."""
     world = build_world(spec)
     domains = {}
-    for name, n_classes, place in DOMAINS:
-        domains[name] = _domain(world, spec, name, min(n_classes, spec.n_types), place)
+    for domain, n_classes, place in DOMAINS:
+        domains[domain] = _domain(world, spec, domain, min(n_classes, spec.n_types), place)
     orders = [order[: spec.n_domains] for order in PAPER_ORDERS]
     used = {d for order in orders for d in order}
     return Suite(
-        name="syn6",
+        name=name,
         profile=profile,
         domains={k: v for k, v in domains.items() if k in used},
         orders=orders,
@@ -290,3 +358,50 @@ def build_syn6(profile: str) -> Suite:
         pretrain_corpus=Dataset.from_dict({"text": world["general_train"]}),
         description="synthetic (SYNTHETIC.md); not the paper's data",
     )
+
+
+@register_suite("syn6", ("default", "tiny"), "synthetic six-domain world (offline, CPU minutes)")
+def build_syn6(profile: str) -> Suite:
+    return build_suite("syn6", PROFILES[profile], profile)
+
+
+@register_suite("syn6v2", ("default", "tiny"),
+                "syn6 with nouns and entity names composed of trained sub-word pieces")
+def build_syn6v2(profile: str) -> Suite:
+    return build_suite("syn6v2", PROFILES_V2[profile], profile)
+
+
+def name_separation(model: Any, tokenizer: Any, words: list[str]) -> dict[str, float]:
+    """How far apart θ0 keeps `words`: mean pairwise cosine of their representations.
+
+    `input`: the input embeddings of the distinct tokens the words are written with (what a
+    method that freezes embeddings starts from: a v2 name's pieces, a v1 name itself);
+    `context`: the mean of each word's last hidden states in "the WORD is [MASK] ." (what θ0
+    reads). Lower is more separated; for syn6 compare entity names with general nouns."""
+    import torch
+
+    embeddings = model.get_input_embeddings().weight.detach()
+    frames = [f"the {w} is {tokenizer.mask_token} ." for w in words]
+    batch = tokenizer(frames, return_tensors="pt", padding=True)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    model.train(was_training)
+    tokens: set[int] = set()
+    pooled = []
+    for i, word in enumerate(words):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        tokens.update(ids)
+        pooled.append(hidden[i, 2:2 + len(ids)].mean(0))  # [CLS] the WORD ...
+    return {"input": _mean_pairwise_cosine(embeddings[sorted(tokens)]),
+            "context": _mean_pairwise_cosine(torch.stack(pooled))}
+
+
+def _mean_pairwise_cosine(vectors: Any) -> float:
+    import torch
+
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    cos = unit @ unit.T
+    n = len(unit)
+    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))

@@ -21,7 +21,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     "args, expected",
     [
         (["--method", "nope"], "unknown method 'nope'; valid methods:"),
-        (["--suite", "nope"], "unknown suite 'nope'; valid suites: das6, real6, syn6"),
+        (["--suite", "nope"], "unknown suite 'nope'; valid suites: das6, real6, syn6, syn6v2"),
         (["--order", "7"], "order 7 does not exist for suite 'syn6'; valid orders: 0..4"),
         (["--dap-steps", "0"], "dap_steps must be a positive integer, got 0"),
         (["--profile", "huge"], "unknown profile 'huge' for suite 'syn6'"),

@@ -217,3 +217,16 @@ def test_a_damaged_cached_base_model_is_rebuilt(tmp_path, tiny_suite):
     assert seconds > 0, "rebuilt, not reused"
     assert fingerprint(again) == fingerprint(model)
     assert load_base_model(tiny_suite, cache=str(tmp_path))[2] == 0.0  # the rebuild is reused
+
+
+def test_theta0_and_every_result_record_the_cpu_that_made_them(tmp_path, tiny_suite):
+    import torch
+
+    from benchmark.atomic import read_json
+    from benchmark.basemodel import FINGERPRINT, cached_path, cpu_description, load_base_model
+    from benchmark.loop import environment
+
+    load_base_model(tiny_suite, cache=str(tmp_path))
+    stored = read_json(cached_path(tiny_suite, str(tmp_path)) / FINGERPRINT)
+    assert stored["cpu"] == cpu_description() == environment()["cpu"]
+    assert stored["cpu"].startswith(torch.backends.cpu.get_cpu_capability())
