@@ -6,8 +6,8 @@ reductions differently with the number of threads, and 800 steps turn those last
 differences into a different θ0 (general MLM loss 1.71611 at 1 thread against 1.71621 at 2),
 which moves a seed's average MF1 by 2–3 points. The CPU's instruction set does the same: MKL and
 ATen dispatch to other kernels on another CPU, so a θ0 rebuilt on another kind of machine differs
-(the syn6 θ0 of the committed tables, ca5e9c4d…, was built on an earlier machine; on an
-AVX512+AMX Xeon the same code gives 008dc1bc…, and 7c66c6e1… with `ATEN_CPU_CAPABILITY=avx2
+(the syn6 θ0 of the committed tables, ca5e9c4d…, is what AMD EPYC machines with AVX2 build; on
+an AVX512+AMX Xeon the same code gives 008dc1bc…, and 7c66c6e1… with `ATEN_CPU_CAPABILITY=avx2
 MKL_CBWR=AVX2`; none of six kernel settings tried there gave ca5e9c4d…). Tables therefore come
 from one θ0 (`tables.py` warns when they mix), and every result and cached θ0 records the CPU
 (`cpu_description`). It is cached under the user cache dir
