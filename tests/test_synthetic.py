@@ -64,7 +64,7 @@ def test_syn6v2_theta0_keeps_names_apart_where_v1_cannot():
     assert v2_gap < 0.12
 
 
-@pytest.mark.slow
+@pytest.mark.theta0
 def test_syn6v2_default_theta0_separates_names_like_general_nouns():
     names, nouns = _separation("syn6v2", "default")
     # measured on the default θ0 (2026-12-01): input 0.59 vs 0.61, context 0.92 vs 0.94
