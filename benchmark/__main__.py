@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="build the result tables from result JSON files")
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
     table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
-    table.add_argument("--config", help="a group preset: only its rows, in its order")
+    table.add_argument("--config", help="group presets, comma separated: only their rows, in "
+                       "their order")
     table.add_argument("--timings", action="store_true",
                        help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
     table.add_argument("--dap-loss", action="store_true", dest="dap_loss",
@@ -80,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
                             "MF1 elsewhere")
     table.add_argument("--pooled", action="store_true",
                        help="orders pooled: mean ± std over orders × seeds")
+    table.add_argument("--diagonal", action="store_true",
+                       help="the diagonal A[t][t] per row (each domain right after its own "
+                            "DAP-training) beside the last row's average and FR; with --vs ROW, "
+                            "the differences against ROW on shared seeds")
     table.add_argument("--vs", metavar="ROW",
                        help="add each row's difference in average MF1 against ROW, 95 %% "
                             "interval over seeds (needs the report extra)")
@@ -234,12 +239,19 @@ def command_table(args: argparse.Namespace) -> int:
     rows = None
     if args.config:
         rows = []
-        for preset, source in _expand(args.config):
-            rows.append(preset.get("label") or preset.get("method") or source)
+        for name in (n.strip() for n in args.config.split(",") if n.strip()):
+            for preset, source in _expand(name):
+                row = preset.get("label") or preset.get("method") or source
+                rows += [] if row in rows else [row]
     if args.timings:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
     elif args.dap_loss:
         print(render(build_dap_loss_tables(results, rows), args.format, DAP_LOSS_NOTE))
+    elif args.diagonal:
+        from benchmark.tables import DIAGONAL_NOTE, build_diagonal_tables
+
+        _check_row(args.vs, results, args.runs)
+        print(render(build_diagonal_tables(results, rows, args.vs), args.format, DIAGONAL_NOTE))
     elif args.paper_metrics or args.pooled:
         print(render(_table_view(results, rows, args.paper_metrics, args.pooled), args.format,
                      _table_note(args.paper_metrics, args.pooled)))
@@ -248,11 +260,16 @@ def command_table(args: argparse.Namespace) -> int:
     if args.vs:
         from benchmark.tables import build_vs_tables, vs_note
 
-        if args.vs not in {r["row"] for r in results}:
-            raise UsageError(f"--vs {args.vs}: no such row under {args.runs}; rows: "
-                             f"{', '.join(sorted({r['row'] for r in results}))}")
+        _check_row(args.vs, results, args.runs)
         print(render(build_vs_tables(results, args.vs, rows), args.format, vs_note(args.vs)))
     return 0
+
+
+def _check_row(row: str | None, results: list[dict], runs: str) -> None:
+    """A `--vs ROW` that names no row under --runs is one line listing the rows there."""
+    if row is not None and row not in {r["row"] for r in results}:
+        raise UsageError(f"--vs {row}: no such row under {runs}; rows: "
+                         f"{', '.join(sorted({r['row'] for r in results}))}")
 
 
 def _table_view(results: list[dict], rows: list[str] | None, paper: bool, pooled: bool):

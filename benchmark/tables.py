@@ -220,6 +220,65 @@ def build_dap_loss_tables(
     return tables
 
 
+def _diagonal(matrix: list) -> list[float]:
+    """A[t][t] for every t: each domain's score right after its own DAP-training."""
+    return [float(matrix[t][t]) for t in range(len(matrix))]
+
+
+def _diagonal_and_average(runs: list[dict], metric: str) -> dict[int, tuple[float, float]]:
+    """seed: (mean A[t][t], average of the last row)."""
+    return {r["seed"]: (float(np.mean(_diagonal(r[metric]))), float(np.mean(final_row(r[metric]))))
+            for r in runs}
+
+
+def build_diagonal_tables(
+    results: list[dict], rows: list[str] | None = None, reference: str | None = None,
+    metric: str = "mf1", title: str = "MF1",
+) -> list[tuple[str, pd.DataFrame]]:
+    """Per (suite, profile, order): each row's diagonal A[t][t] (what a domain reaches right after
+    its own DAP-training, seed mean per domain), its mean ± std over seeds, beside the average of
+    the last row and FR. Works on `eval_matrix: diagonal` runs (the diagonal is always filled).
+
+    With `reference`, two more columns: the row's mean diagonal and Avg minus the reference
+    row's on the seeds both have (a paired difference; `–` where they share none), so a
+    single-seed variant is held against the reference on that seed, not against its seed mean.
+    """
+    tables = []
+    for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
+        ref = _diagonal_and_average(by_row[reference], metric) if reference in by_row else None
+        records = []
+        for row in wanted:
+            runs = sorted(by_row[row], key=lambda r: r["seed"])
+            diagonals = np.asarray([_diagonal(r[metric]) for r in runs])
+            record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
+                      "seeds": f"{len(runs)} ({','.join(str(r['seed']) for r in runs)})"}
+            for t, domain in enumerate(domains):
+                record[domain] = f"{diagonals[:, t].mean():.2f}"
+            record["mean A[t][t]"] = _cell(list(diagonals.mean(axis=1)))
+            record[f"Avg {title}"] = _cell([float(np.mean(final_row(r[metric]))) for r in runs])
+            record["FR"] = f"{np.mean([forgetting_rate(r[metric]) for r in runs]):.2f}"
+            if ref is not None:
+                mine = _diagonal_and_average(by_row[row], metric)
+                shared = sorted(set(mine) & set(ref))
+                for k, column in ((0, f"Δ A[t][t] vs {reference}"), (1, f"Δ Avg vs {reference}")):
+                    record[column] = (f"{np.mean([mine[s][k] - ref[s][k] for s in shared]):+.2f}"
+                                      if shared else "–")
+            records.append(record)
+        heading = (f"{suite} ({profile}), order {order}: {title} on the diagonal A[t][t] (each "
+                   f"domain right after its own DAP-training, seed mean) "
+                   f"{_protocol_caption(by_row)}, with the last row's average and FR")
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+DIAGONAL_NOTE = (
+    "A[t][t]: the end task of domain t fine-tuned and tested right after DAP-training on domain "
+    "t (how well the domain just trained is learned); mean A[t][t]: per seed, then mean ± std. "
+    "Avg: the last row's average, mean ± std over seeds. FR: per seed, then averaged (equal to "
+    "FR on the seed-averaged matrix). Δ … vs ROW: the row minus ROW on the seeds both have, "
+    "averaged (no interval: `--vs ROW` without `--diagonal` gives one).")
+
+
 METRICS_NOTE = (
     "† needs the domain ID at end-task time. FR: forgetting rate on seed-averaged matrices "
     "(negative = backward transfer). KT: gain over `one`; vs-base: gain over `base`. Gen. MLM Δ: "
@@ -237,7 +296,9 @@ def render(tables: list[tuple[str, pd.DataFrame]], fmt: str = "markdown",
     parts = []
     for heading, frame in tables:
         if fmt == "markdown":
-            parts.append(f"### {heading}\n\n{frame.to_markdown(index=False)}\n")
+            # numbers stay as formatted (tabulate would re-parse "+0.50" to 0.5, "12.80" to 12.8)
+            table = frame.to_markdown(index=False, disable_numparse=True)
+            parts.append(f"### {heading}\n\n{table}\n")
         elif fmt == "latex":
             caption = heading.replace("±", r"$\pm$")
             parts.append(f"% {caption}\n" + frame.to_latex(index=False).replace("±", r"$\pm$"))
@@ -350,7 +411,9 @@ def build_vs_tables(
 ) -> list[tuple[str, pd.DataFrame]]:
     """Per (suite, profile, order): every row's mean difference in average `metric` (last row)
     against row `reference`, with a 95 % t-interval over seeds (paired by seed where both rows
-    share at least 2 seeds, Welch's otherwise); `*` where the interval excludes zero."""
+    share at least 2 seeds, Welch's otherwise; a single-seed row sharing its seed with the
+    reference gets the difference on that seed, without interval); `*` where the interval
+    excludes zero."""
     tables = []
     for (suite, profile, order, _), by_row, wanted in _table_groups(results, rows):
         if reference not in by_row:
@@ -369,6 +432,10 @@ def build_vs_tables(
             elif len(mine) >= 2 and len(ref) >= 2:
                 how, n = "Welch t", f"{len(mine)} vs {len(ref)}"
                 diff, low, high = _t_interval(list(mine.values()), list(ref.values()), False)
+            elif shared:  # one seed in common: the difference on that seed, no interval
+                how, n = "none (1 shared seed)", str(shared[0])
+                diff = mine[shared[0]] - ref[shared[0]]
+                low = high = float("nan")
             else:
                 how, n = "none (1 seed)", f"{len(mine)} vs {len(ref)}"
                 diff = float(np.mean(list(mine.values())) - np.mean(list(ref.values())))
@@ -379,6 +446,8 @@ def build_vs_tables(
                 "95 % interval": "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]",
                 "interval": how, "≠ 0": "*" if excludes else "",
             })
+        if not records:
+            continue
         heading = (f"{suite} ({profile}), order {order}: average {title} of the last row "
                    f"against `{reference}`, 95 % interval over seeds")
         tables.append((heading, pd.DataFrame.from_records(records)))
@@ -389,7 +458,8 @@ def vs_note(reference: str) -> str:
     return (f"Δ: mean difference of the average MF1 (last row A[T][i]) against `{reference}`. "
             "95 % interval: a t-interval (scipy) over the per-seed averages, paired by seed "
             "where both rows share 2 or more seeds, Welch's unpaired interval otherwise; none "
-            "for a single-seed row. * the interval excludes zero. With 3 seeds the t quantile "
+            f"for a single-seed row (its Δ is taken on its seed where `{reference}` has it: the "
+            "seeds column names it). * the interval excludes zero. With 3 seeds the t quantile "
             "is 4.30 (2 degrees of freedom), so the interval is wide: ±2.5 standard deviations "
             "of the paired differences. A row without * is not shown to be equal, only not "
             "shown to differ.")

@@ -152,6 +152,42 @@ def test_vs_gives_the_paired_t_interval_and_marks_it(runs, capsys):
     assert "--vs nope: no such row" in err and len(err.strip().splitlines()) == 1
 
 
+def test_diagonal_view_holds_a_single_seed_variant_against_the_reference_on_its_seed(runs,
+                                                                                      capsys):
+    """The RQ3–RQ5 tables: each domain right after its own DAP-training (A[t][t]), and a
+    variant run on one seed compared with the reference on that seed, not its seed mean."""
+    pytest.importorskip("scipy")
+    from benchmark.tables import build_diagonal_tables, build_vs_tables
+
+    results = [r for r in _load(runs) if r["order"] == 0]
+    das = {r["seed"]: r for r in results if r["row"] == "das"}
+    variant = {**das[111], "row": "das variant",
+               "mf1": [[v + 1.5 for v in row] for row in das[111]["mf1"]]}
+    results.append(variant)
+    [(heading, table)] = build_diagonal_tables(results, ["das", "das variant", "ncl"], "das")
+    table = table.set_index("method")
+    assert "diagonal A[t][t]" in heading
+    diagonals = [[r["mf1"][t][t] for t in range(3)] for r in das.values()]
+    assert table.loc["das", "acl"] == f"{np.mean([d[1] for d in diagonals]):.2f}"
+    means = [np.mean(d) for d in diagonals]
+    assert table.loc["das", "mean A[t][t]"] == f"{np.mean(means):.2f} ± {np.std(means, ddof=1):.2f}"
+    assert table.loc["das variant", "seeds"] == "1 (111)"
+    # das's seed 111 sits 4 below its seed mean (ROWS): the variant is +1.50 on its seed
+    assert table.loc["das variant", "Δ Avg vs das"] == "+1.50"
+    assert table.loc["das variant", "Δ A[t][t] vs das"] == "+1.50"
+    assert table.loc["ncl", "Δ Avg vs das"] == f"{np.mean([0 - 3, 2 + 4, 1 - 2]) - 1:+.2f}"
+    [(_, vs)] = build_vs_tables(results, "das", ["das variant"])
+    assert vs.loc[0, "Δ Avg MF1"] == "+1.50" and vs.loc[0, "interval"] == "none (1 shared seed)"
+    assert main(["table", "--runs", str(runs), "--diagonal", "--vs", "ncl",
+                 "--config", "ref-base,ref-ncl"]) == 0
+    out = capsys.readouterr().out
+    assert "| base " in out and "| das " not in out and "Δ Avg vs ncl" in out
+    # base − ncl = −15 − 1 on the shared seeds; tabulate must not re-parse "+0.00" into 0
+    assert "| -16.00 " in out and "| +0.00 " in out
+    assert main(["table", "--runs", str(runs), "--diagonal", "--vs", "nope"]) == 2
+    assert "--vs nope: no such row" in capsys.readouterr().err
+
+
 # -- figures and the report -------------------------------------------------------------------
 
 def test_plot_writes_one_named_figure_per_idea(runs, tmp_path, capsys):
