@@ -405,3 +405,30 @@ def _mean_pairwise_cosine(vectors: Any) -> float:
     cos = unit @ unit.T
     n = len(unit)
     return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
+
+def type_readout(model: Any, tokenizer: Any, world: dict, domain: str) -> dict[str, float]:
+    """Whether the MLM knows each entity's class: the share of `domain`'s entities whose masked
+    slot in "the NAME is [MASK] ." puts the most probability on their own class's adjective
+    group (`accuracy`; chance is 1 / classes), and the mean probability on any class's group
+    (`adjective_mass`). The suite's knowledge written as the corpus states it, read off θ or a
+    DAP-trained model without fine-tuning (`scripts/name_binding.py`)."""
+    import torch
+
+    perm = world["permutations"][domain]
+    entities = world["entities"][domain]
+    groups = [tokenizer.convert_tokens_to_ids(world["adjectives"][t]) for t in perm]
+    names = sorted(entities)
+    batch = tokenizer([f"the {n} is {tokenizer.mask_token} ." for n in names],
+                      return_tensors="pt", padding=True)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    model.train(was_training)
+    rows, cols = (batch["input_ids"] == tokenizer.mask_token_id).nonzero(as_tuple=True)
+    probs = logits[rows, cols].softmax(-1)
+    scores = torch.stack([probs[:, group].sum(-1) for group in groups], -1)
+    gold = torch.tensor([entities[n] for n in names])
+    return {"accuracy": float((scores.argmax(-1) == gold).float().mean()),
+            "adjective_mass": float(scores.sum(-1).mean()), "chance": 1 / len(perm)}

@@ -71,3 +71,34 @@ def test_syn6v2_default_theta0_separates_names_like_general_nouns():
     # (v1 default θ0: 0.87 vs 0.56 and 0.84 vs 0.51)
     assert abs(names["input"] - nouns["input"]) < 0.15
     assert abs(names["context"] - nouns["context"]) < 0.15
+
+
+def test_type_readout_reads_the_class_the_mlm_puts_on_the_masked_slot():
+    """`type_readout` (scripts/name_binding.py): an MLM that answers each entity's class
+    adjectives scores 1, one that answers the next class's scores 0, with all mass on them."""
+    import torch
+
+    spec = synthetic.PROFILES["tiny"]
+    world = synthetic.build_world(spec)
+    _, tokenizer, _ = load_base_model(load_suite("syn6", "tiny"))
+    entities = world["entities"]["restaurant"]
+    perm = world["permutations"]["restaurant"]
+    by_token = {tokenizer.convert_tokens_to_ids(n): c for n, c in entities.items()}
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift: int):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, input_ids, **_):
+            logits = torch.full((*input_ids.shape, len(tokenizer)), -30.0)
+            for row, ids in enumerate(input_ids.tolist()):
+                cls = (by_token[ids[2]] + self.shift) % len(perm)  # [CLS] the NAME is [MASK]
+                answer = tokenizer.convert_tokens_to_ids(world["adjectives"][perm[cls]])
+                logits[row, :, answer] = 10.0
+            return type("Out", (), {"logits": logits})
+
+    right = synthetic.type_readout(Oracle(0), tokenizer, world, "restaurant")
+    wrong = synthetic.type_readout(Oracle(1), tokenizer, world, "restaurant")
+    assert right["accuracy"] == 1.0 and wrong["accuracy"] == 0.0
+    assert right["adjective_mass"] > 0.99 and right["chance"] == pytest.approx(1 / len(perm))
