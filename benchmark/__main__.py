@@ -236,6 +236,7 @@ def command_table(args: argparse.Namespace) -> int:
     results = load_results(Path(args.runs))
     if not results:
         raise UsageError(f"no finished result.json under {args.runs}")
+    _check_row(args.vs, results, args.runs)
     rows = None
     if args.config:
         rows = []
@@ -250,7 +251,6 @@ def command_table(args: argparse.Namespace) -> int:
     elif args.diagonal:
         from benchmark.tables import DIAGONAL_NOTE, build_diagonal_tables
 
-        _check_row(args.vs, results, args.runs)
         print(render(build_diagonal_tables(results, rows, args.vs), args.format, DIAGONAL_NOTE))
     elif args.paper_metrics or args.pooled:
         print(render(_table_view(results, rows, args.paper_metrics, args.pooled), args.format,
@@ -260,7 +260,6 @@ def command_table(args: argparse.Namespace) -> int:
     if args.vs:
         from benchmark.tables import build_vs_tables, vs_note
 
-        _check_row(args.vs, results, args.runs)
         print(render(build_vs_tables(results, args.vs, rows), args.format, vs_note(args.vs)))
     return 0
 

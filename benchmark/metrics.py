@@ -32,6 +32,11 @@ def final_row(matrix: Matrix) -> list[float]:
     return [float(v) for v in matrix[-1]]
 
 
+def diagonal(matrix: Matrix) -> list[float]:
+    """A[t][t] for every t: each domain's score right after its own DAP-training."""
+    return [float(matrix[t][t]) for t in range(len(matrix))]
+
+
 def forgetting_rate(matrix: Matrix) -> float:
     """FR = 1/(T-1) Σ_{i<T} (A[i][i] − A[T][i]); negative means backward transfer."""
     size = len(matrix)

@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from benchmark.atomic import DamagedFile
-from benchmark.metrics import average_matrices, final_row, forgetting_rate, mean_gain
+from benchmark.metrics import (
+    average_matrices,
+    diagonal,
+    final_row,
+    forgetting_rate,
+    mean_gain,
+)
 from benchmark.record import load
 from methods import available_methods
 
@@ -220,14 +226,9 @@ def build_dap_loss_tables(
     return tables
 
 
-def _diagonal(matrix: list) -> list[float]:
-    """A[t][t] for every t: each domain's score right after its own DAP-training."""
-    return [float(matrix[t][t]) for t in range(len(matrix))]
-
-
 def _diagonal_and_average(runs: list[dict], metric: str) -> dict[int, tuple[float, float]]:
-    """seed: (mean A[t][t], average of the last row)."""
-    return {r["seed"]: (float(np.mean(_diagonal(r[metric]))), float(np.mean(final_row(r[metric]))))
+    """seed: (mean A[t][t], average of the last row), in the order of `runs`."""
+    return {r["seed"]: (float(np.mean(diagonal(r[metric]))), float(np.mean(final_row(r[metric]))))
             for r in runs}
 
 
@@ -249,16 +250,16 @@ def build_diagonal_tables(
         records = []
         for row in wanted:
             runs = sorted(by_row[row], key=lambda r: r["seed"])
-            diagonals = np.asarray([_diagonal(r[metric]) for r in runs])
+            mine = _diagonal_and_average(runs, metric)
             record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
-                      "seeds": f"{len(runs)} ({','.join(str(r['seed']) for r in runs)})"}
+                      "seeds": f"{len(runs)} ({','.join(str(seed) for seed in mine)})"}
+            diagonals = np.asarray([diagonal(r[metric]) for r in runs])
             for t, domain in enumerate(domains):
                 record[domain] = f"{diagonals[:, t].mean():.2f}"
-            record["mean A[t][t]"] = _cell(list(diagonals.mean(axis=1)))
-            record[f"Avg {title}"] = _cell([float(np.mean(final_row(r[metric]))) for r in runs])
+            record["mean A[t][t]"] = _cell([d for d, _ in mine.values()])
+            record[f"Avg {title}"] = _cell([a for _, a in mine.values()])
             record["FR"] = f"{np.mean([forgetting_rate(r[metric]) for r in runs]):.2f}"
             if ref is not None:
-                mine = _diagonal_and_average(by_row[row], metric)
                 shared = sorted(set(mine) & set(ref))
                 for k, column in ((0, f"Δ A[t][t] vs {reference}"), (1, f"Δ Avg vs {reference}")):
                     record[column] = (f"{np.mean([mine[s][k] - ref[s][k] for s in shared]):+.2f}"

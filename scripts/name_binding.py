@@ -10,6 +10,7 @@ domain corpus (the DAP loss `one` optimises, the suite's batch size and learning
 from __future__ import annotations
 
 import argparse
+import copy
 
 from benchmark.basemodel import load_base_model
 from benchmark.training import train_mlm
@@ -18,7 +19,7 @@ from tasks import load_suite, synthetic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="syn6", choices=["syn6", "syn6v2"])
+    parser.add_argument("--suite", default="syn6", choices=sorted(synthetic.SUITE_PROFILES))
     parser.add_argument("--profile", default="default", choices=["default", "tiny"])
     parser.add_argument("--domain", default="restaurant")
     parser.add_argument("--steps", default="100,300", help="checkpoints, comma separated")
@@ -27,9 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     suite = load_suite(args.suite, args.profile)
-    spec = (synthetic.PROFILES if args.suite == "syn6" else synthetic.PROFILES_V2)[args.profile]
-    world = synthetic.build_world(spec)
-    model, tokenizer, _ = load_base_model(suite)
+    world = synthetic.build_world(synthetic.SUITE_PROFILES[args.suite][args.profile])
+    theta0, tokenizer, _ = load_base_model(suite)
     defaults = suite.defaults
     lr = args.lr or defaults["dap_lr"]
 
@@ -39,11 +39,10 @@ def main() -> None:
               f"{r['accuracy']:.3f} (chance {r['chance']:.3f}), adjective mass "
               f"{r['adjective_mass']:.3f}", flush=True)
 
-    show(model, 0)
+    show(theta0, 0)
     corpus = suite.domains[args.domain].corpus
     for steps in sorted(int(s) for s in args.steps.split(",")):
-        model, _, _ = load_base_model(suite)  # every checkpoint is one DAP phase from θ0
-        model.train()
+        model = copy.deepcopy(theta0).train()  # every checkpoint is one DAP phase from θ0
         train_mlm(model, tokenizer, corpus, steps, defaults["dap_batch_size"], lr,
                   defaults["max_length"], args.seed, desc=f"MLM {steps} steps")
         show(model, steps)

@@ -337,6 +337,10 @@ PROFILES_V2 = {
 }
 
 
+# each synthetic suite's generator profiles, by suite name
+SUITE_PROFILES = {"syn6": PROFILES, "syn6v2": PROFILES_V2}
+
+
 def build_suite(name: str, spec: Profile, profile: str) -> Suite:
     """The suite `name` generated from `spec`, with the profile's θ0 and training defaults."""
     world = build_world(spec)
@@ -362,13 +366,13 @@ def build_suite(name: str, spec: Profile, profile: str) -> Suite:
 
 @register_suite("syn6", ("default", "tiny"), "synthetic six-domain world (offline, CPU minutes)")
 def build_syn6(profile: str) -> Suite:
-    return build_suite("syn6", PROFILES[profile], profile)
+    return build_suite("syn6", SUITE_PROFILES["syn6"][profile], profile)
 
 
 @register_suite("syn6v2", ("default", "tiny"),
                 "syn6 with nouns and entity names composed of trained sub-word pieces")
 def build_syn6v2(profile: str) -> Suite:
-    return build_suite("syn6v2", PROFILES_V2[profile], profile)
+    return build_suite("syn6v2", SUITE_PROFILES["syn6v2"][profile], profile)
 
 
 def name_separation(model: Any, tokenizer: Any, words: list[str]) -> dict[str, float]:

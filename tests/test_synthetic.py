@@ -13,8 +13,7 @@ def _digest(texts) -> str:
 
 
 def _separation(suite_name: str, profile: str) -> tuple[dict, dict]:
-    spec = (synthetic.PROFILES if suite_name == "syn6" else synthetic.PROFILES_V2)[profile]
-    world = synthetic.build_world(spec)
+    world = synthetic.build_world(synthetic.SUITE_PROFILES[suite_name][profile])
     model, tokenizer, _ = load_base_model(load_suite(suite_name, profile))
     names = sorted({e for domain in world["entities"].values() for e in domain})
     nouns = [n for group in world["nouns"] for n in group]
