@@ -97,7 +97,7 @@ def das6(profile: str, dirs: DataDirs) -> Suite:
 
 
 def load_suite_file(path: str | Path, profile: str, dirs: DataDirs) -> Suite:
-    """A user-defined suite from YAML (see README: "Your own domains")."""
+    """A user-defined suite from YAML (see docs/suites.md: "Your own domains")."""
     spec = read_suite_file(path)
     settings = {"defaults": spec.defaults, "caps": spec.caps, "orders": spec.orders}
     if profile != "default":

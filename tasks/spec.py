@@ -1,8 +1,8 @@
 """The suite spec: typed domains, end tasks, corpus sources and data files, checked on reading.
 
 `real6` and `das6` read theirs from tasks/manifests/NAME.json; a user suite is a YAML file of the
-same shape (README: "Your own domains"). Every problem is reported as one line naming the file
-(or manifest), the domain and the field.
+same shape (docs/suites.md, "Your own domains"). Every problem is reported as one line
+naming the file (or manifest), the domain and the field.
 """
 
 from __future__ import annotations
