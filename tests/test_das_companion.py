@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import RobertaConfig, RobertaForMaskedLM
 
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config, read_preset
 from benchmark.context import Context
-from benchmark.training import dap_train
+from benchmark.training import dap_train, domain_seed
 from methods import DapPlan, build_method
 from methods.gates import FORMS, UnitGates, gate_gradients, softmask_gradients
 
@@ -154,6 +155,91 @@ def test_contrast_pairs_companion_matches_model_py(tiny_suite, tmp_path, pairs):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     else:  # the paper's pairing (x with itself) is a different loss
         assert (ours - reference).abs() > 1e-2
+
+
+# the gated view: kinds a row does not act on stay ungated -------------------------------------
+def companion_layer_masks(head_impt_accumlate, intermediate_impt_accumlate,
+                          output_impt_accumlate, layer_to_mask):
+    """approaches/before_posttrain.py l.27-29 and l.88-93, literally."""
+    head_impt = None
+    intermediate_impt = None
+    output_impt = None
+    if 'head_mask' in layer_to_mask:
+        head_impt = head_impt_accumlate
+    if 'intermediate_mask' in layer_to_mask:
+        intermediate_impt = intermediate_impt_accumlate
+    if 'output_mask' in layer_to_mask:
+        output_impt = output_impt_accumlate
+    return head_impt, intermediate_impt, output_impt
+
+
+def companion_pre_hidden(model, ids, attention_mask, head_mask, intermediate_mask, output_mask):
+    """`outputs_pre` of networks/posttrain/model.py l.207-211: a `None` mask is skipped
+    (networks/transformers/roberta.py l.176-179, 196-199, 339-341; HF's head_mask=None)."""
+    handles = []
+    for i, layer in enumerate(model.roberta.encoder.layer):
+        if intermediate_mask is not None:
+            handles.append(layer.intermediate.dense.register_forward_hook(
+                lambda m, a, out, i=i: out * intermediate_mask[i]))
+        if output_mask is not None:
+            handles.append(layer.output.dense.register_forward_hook(
+                lambda m, a, out, i=i: out * output_mask[i]))
+    try:
+        return model.roberta(input_ids=ids, attention_mask=attention_mask,
+                             head_mask=head_mask).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+VIEW_ROWS = [  # preset, the companion's layer_to_mask for that row
+    ("dga", "head_mask"),
+    ("rq3-heads-only", "head_mask"),
+    ("rq3-ffn-only", "intermediate_mask_output_mask"),
+    ("rq3-companion-heads-only", "head_mask"),
+    ("das", "head_mask_intermediate_mask_output_mask"),
+    ("rq5-no-general", "head_mask_intermediate_mask_output_mask"),  # nothing accumulated yet
+]
+
+
+@pytest.mark.parametrize(("preset", "layer_to_mask"), VIEW_ROWS)
+def test_gated_view_leaves_the_kinds_not_acted_on_ungated_as_the_companion(
+        tiny_suite, tmp_path, preset, layer_to_mask):
+    settings = read_preset(preset)
+    args = {**settings.get("method_args", {}), "intermediate_gate": "pre"}
+    ctx = make_ctx(tiny_suite, tmp_path, importance_batches=1)
+    method = build_method(settings["method"], args)
+    method.setup(ctx)
+    method.before_domain(ctx, 0)  # the view of domain 0: I_≤0 = the general importance
+    model = ctx.model.eval()
+    torch.manual_seed(5)
+    clean = torch.randint(5, len(ctx.tokenizer), (4, 10))  # no padding, as the 164-token chunks
+    attention = torch.ones_like(clean)
+    batch = {"input_ids": clean, "clean_input_ids": clean, "attention_mask": attention,
+             "labels": torch.full_like(clean, -100)}
+    ours = method.forward(ctx, model, batch).extra["views"][2]  # z3, the gated view
+
+    # softmask.accumulate_impt (softmask.py l.147-158): None while nothing was saved
+    none = method.args.general_importance == "none"
+    accumulated = [None if none else method.importance[k].detach() for k in
+                   ("head", "intermediate", "output")]
+    with torch.no_grad():
+        reference = companion_pre_hidden(
+            model, clean, attention,
+            *companion_layer_masks(*accumulated, layer_to_mask)).mean(dim=1)
+        torch.testing.assert_close(ours.detach(), reference, rtol=1e-5, atol=1e-5)
+        # the former view: every kind the row does not act on (all, before any importance)
+        # multiplied by 0
+        zeroed = {k: (torch.zeros_like(v) if none or k not in method.args.units else v)
+                  for k, v in method.mask().items()}
+        wrong = companion_pre_hidden(model, clean, attention, zeroed["head"],
+                                     zeroed["intermediate"], zeroed["output"]).mean(dim=1)
+    if none or set(method.args.units) != {"head", "intermediate", "output"}:
+        assert not torch.allclose(wrong, reference, atol=1e-3)
+    # soft-masking leaves the kinds not acted on (1 − 0), everything before any importance
+    for kind, values in method._mask.items():
+        if none or kind not in method.args.units:
+            assert not values.any(), kind
 
 
 # 2. KL proxy -------------------------------------------------------------------------------
@@ -313,9 +399,12 @@ def test_qkv_softmask_companion_matches_soft_mask_gradient(tiny_suite, tmp_path,
 
 
 # 7. no gradient clipping ------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["das", "das-companion"])
-def test_companion_preset_never_clips(tiny_suite, tmp_path, monkeypatch, preset):
+@pytest.mark.parametrize(("preset", "norm", "clips"),
+                         [("das", None, 0), ("das-companion", None, 0), ("das", 1.0, 2)])
+def test_presets_never_clip_unless_asked(tiny_suite, tmp_path, monkeypatch, preset, norm, clips):
     settings = read_preset(preset)
+    if norm is not None:
+        settings["max_grad_norm"] = norm
     ctx = make_ctx(tiny_suite, tmp_path, **{k: v for k, v in settings.items() if k != "method"},
                    dap_steps=2)
     das = build_method("das", ctx.config.method_args)
@@ -325,7 +414,63 @@ def test_companion_preset_never_clips(tiny_suite, tmp_path, monkeypatch, preset)
     monkeypatch.setattr(ctx.accelerator, "clip_grad_norm_", lambda *a, **k: calls.append(a))
     dap_train(ctx, das, DapPlan(data=ctx.corpus(0), steps=2), 0)
     # the companion code steps right after backward and masking (update_model.py l.15-19)
-    assert len(calls) == (0 if preset == "das-companion" else 2)
+    assert len(calls) == clips
+
+
+def adamw_by_hand(model, batches, lr: float, max_norm: float) -> None:
+    """`len(batches)` DAP steps of plain MLM: torch.optim.AdamW's update written out (betas 0.9,
+    0.999, eps 1e-8, no weight decay), a linear decay without warm-up, and, when max_norm > 0,
+    clip_grad_norm_'s rescaling (coef = max_norm / (‖g‖₂ + 1e-6), at most 1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    steps = len(batches)
+    for k, batch in enumerate(batches, start=1):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if max_norm > 0:
+            total = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None]))
+            coef = min(1.0, max_norm / (float(total) + 1e-6))
+            grads = [None if g is None else g * coef for g in grads]
+        step_lr = lr * (steps - (k - 1)) / steps
+        with torch.no_grad():
+            for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
+                if g is None:
+                    continue
+                m_.mul_(0.9).add_(0.1 * g)
+                v_.mul_(0.999).add_(0.001 * g * g)
+                m_hat, v_hat = m_ / (1 - 0.9 ** k), v_ / (1 - 0.999 ** k)
+                p.sub_(step_lr * m_hat / (v_hat.sqrt() + 1e-8))
+
+
+def test_dap_step_clips_only_when_max_grad_norm_is_set(tiny_suite, tmp_path):
+    assert build_config({}, {}).max_grad_norm == 0  # the reference's default: no clipping
+    results, by_hand = {}, {}
+    for norm in (0.0, 0.05):
+        ctx = make_ctx(tiny_suite, tmp_path, dropout=0.0, dap_warmup=0.0, max_grad_norm=norm)
+        perturb(ctx.model, scale=0.3)  # far from θ0: a gradient norm well above 0.05
+        reference = copy.deepcopy(ctx.model)
+        ncl = build_method("ncl")
+        ncl.setup(ctx)
+        dap_train(ctx, ncl, DapPlan(data=ctx.corpus(0), steps=3), 0)
+        results[norm] = ctx.model
+        seed = domain_seed(ctx.config.seed, 1, 0)  # the DAP batches dap_train draws
+        set_seed(seed)
+        stream = ctx.mlm_batches(ctx.corpus(0), seed)
+        adamw_by_hand(reference, [next(stream) for _ in range(3)], ctx.config.dap_lr, norm)
+        by_hand[norm] = reference
+    for norm in results:
+        for (name, p), q in zip(results[norm].named_parameters(), by_hand[norm].parameters(),
+                                strict=True):
+            if name.endswith("key.bias"):  # its exact gradient is 0 (softmax is shift-invariant);
+                continue  # Adam scales the rounding noise up to ±lr, differently per loss form
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    # the clipped update is a different one
+    assert max((p - q).abs().max() for p, q in zip(by_hand[0.0].parameters(),
+                                                   by_hand[0.05].parameters(),
+                                                   strict=True)) > 1e-4
 
 
 # presets ----------------------------------------------------------------------------------
