@@ -91,6 +91,10 @@ class RunConfig:
     max_grad_norm: float = knob(0.0, "DAP gradient clipping norm (0: no clipping, the "
                                 "reference's)", non_negative)
     importance_batches: int = knob(8, "batches for importance / Fisher statistics", positive)
+    # the companion code's importance loader: 100 sequences a batch (ContinualLM posttrain.py
+    # l.204-209), 100 batches covering its 10,000-chunk subset
+    importance_batch_size: int = knob(100, "sequences per batch of the DAS/DGA unit-importance "
+                                      "passes (the reference's: 100)", positive)
     head_warmup_steps: int = knob(
         0, "train only the base model's MLM head (encoder frozen) this many steps on the first "
         "domain's corpus first (for checkpoints shipped without a head)", non_negative, flag=True)

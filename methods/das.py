@@ -142,7 +142,8 @@ class DAS(Method):
         # dropout on: in eval mode the paper's KL proxy has exactly zero gradient; the companion
         # code's KL proxy runs in eval mode (see the module docstring, item 2)
         model.train(not companion_kl)
-        batches = islice(ctx.mlm_batches(data, seed), ctx.config.importance_batches)
+        batches = islice(ctx.mlm_batches(data, seed, ctx.config.importance_batch_size),
+                         ctx.config.importance_batches)
 
         def kl_proxy(batch: dict[str, Tensor]) -> Tensor:
             ids, mask = batch["clean_input_ids"], batch["attention_mask"]

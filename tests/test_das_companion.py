@@ -318,6 +318,30 @@ def test_companion_cumulative_counts_batch_j_n_minus_j_plus_1_times(tiny_suite, 
     assert set(FORMS) == {"abs", "signed", "companion-cumulative"}
 
 
+def test_importance_pass_sees_importance_batches_of_importance_batch_size(tiny_suite, tmp_path,
+                                                                        monkeypatch):
+    import methods.das as das_module
+
+    # the companion's importance loader (posttrain.py l.204-209): batch_size=100
+    assert build_config({}, {}).importance_batch_size == 100
+    ctx = make_ctx(tiny_suite, tmp_path, importance_batches=3, importance_batch_size=5,
+                   dap_batch_size=16)
+    seen = []
+    real = das_module.gate_gradients
+
+    def spy(gates, loss_fn, batches, form):
+        batches = list(batches)
+        seen.extend(b["input_ids"].shape[0] for b in batches)
+        return real(gates, loss_fn, batches, form=form)
+
+    monkeypatch.setattr(das_module, "gate_gradients", spy)
+    das = build_method("das")
+    das.setup(ctx)
+    das._compute(ctx, ctx.corpus(0), "kl", seed=1)
+    das._compute(ctx, ctx.corpus(0), "mlm", seed=2)
+    assert seen == [5] * 6  # not the DAP batch size (16)
+
+
 # 4. domain-importance input ---------------------------------------------------------------
 @pytest.mark.parametrize("given", ["unmasked", "masked"])
 def test_domain_importance_on_unmasked_input_matches_after_mlm(tiny_suite, tmp_path, given):
