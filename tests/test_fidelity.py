@@ -349,6 +349,14 @@ def test_derpp_stream_form_stores_while_training(ctx):
 
 
 # -- 6. the end-task head -------------------------------------------------------------------
+def bert_head_by_hand(hidden, pooler_w, pooler_b, classifier_w, classifier_b):
+    """BERT's sequence classifier (Devlin et al. 2019 §4.1; HF BertPooler + BertForSequence-
+    Classification, dropout off): the final hidden state of [CLS], a dense layer with tanh (the
+    pooler), then a linear classifier."""
+    pooled = torch.tanh(hidden[:, 0] @ pooler_w.T + pooler_b)
+    return pooled @ classifier_w.T + classifier_b
+
+
 def test_end_task_model_is_the_stock_bert_head_on_the_shared_encoder(ctx):
     encoder = encoder_of(ctx.model)
     model = task_model(encoder, num_labels=3).eval()
@@ -358,8 +366,23 @@ def test_end_task_model_is_the_stock_bert_head_on_the_shared_encoder(ctx):
     ids, mask = batch["clean_input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits
     hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    pooled = torch.tanh(model.bert.pooler.dense(hidden[:, 0]))  # BertPooler on [CLS]
-    torch.testing.assert_close(logits, model.classifier(pooled))
+    weights = [t.detach() for t in (model.bert.pooler.dense.weight, model.bert.pooler.dense.bias,
+                                    model.classifier.weight, model.classifier.bias)]
+    torch.testing.assert_close(logits, bert_head_by_hand(hidden, *weights))
+    # a wrong readout (the mean over tokens in place of [CLS]) is told apart
+    mean_read = bert_head_by_hand(hidden.mean(1, keepdim=True), *weights)
+    assert not torch.allclose(logits, mean_read, atol=1e-4)
+
+
+def roberta_classification_head(features, dense_w, dense_b, out_w, out_b):
+    """RobertaClassificationHead.forward as the companion code runs it (its
+    MyRobertaForSequenceClassification, networks/transformers/roberta.py l.676, imports the
+    class from transformers, l.35), dropout off: x = features[:, 0, :] (<s>); dense; tanh;
+    out_proj."""
+    x = features[:, 0, :]
+    x = x @ dense_w.T + dense_b
+    x = torch.tanh(x)
+    return x @ out_w.T + out_b
 
 
 def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
@@ -369,8 +392,18 @@ def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
         intermediate_size=16, max_position_embeddings=40, pad_token_id=1))
     model = task_model(lm.roberta, num_labels=4).eval()
     assert isinstance(model, RobertaForSequenceClassification)
+    assert model.roberta.encoder is lm.roberta  # the shared encoder itself
     ids = torch.randint(3, 40, (2, 6))
-    hidden = lm.roberta(input_ids=ids).last_hidden_state
-    head = model.classifier  # RobertaClassificationHead: dense + tanh + out_proj on <s>
-    expected = head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
-    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    hidden = lm.roberta.eval()(input_ids=ids).last_hidden_state
+    head = model.classifier
+    with torch.no_grad():  # weights large enough for tanh to be far from linear
+        for p in head.parameters():
+            p.normal_(std=1.0)
+    weights = [t.detach() for t in (head.dense.weight, head.dense.bias, head.out_proj.weight,
+                                    head.out_proj.bias)]
+    logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, roberta_classification_head(hidden, *weights))
+    # a head without the tanh (a plain two-layer linear readout of <s>) is told apart
+    no_tanh = hidden[:, 0] @ weights[0].T + weights[1]
+    assert not torch.allclose(logits, no_tanh @ weights[2].T + weights[3], atol=1e-2)
+
