@@ -123,13 +123,59 @@ def sequence_level_contrast(z2, z1, z3, temp=0.05):
     return F.cross_entropy(cos, torch.arange(cos.size(0)))
 
 
+def paper_info_nce(z1, z2, z3, tau: float = 0.05):
+    """The paper's contrast (DAS §3.3, InfoNCE with cosine similarity), written out: for anchor
+    z1_i, −log( e^{cos(z1_i, z2_i)/τ} / (Σ_j e^{cos(z1_i, z2_j)/τ} + Σ_j e^{cos(z1_i, z3_j)/τ}) ),
+    averaged over i (in float64)."""
+    z1, z2, z3 = z1.double(), z2.double(), z3.double()
+    total = 0.0
+    for i in range(len(z1)):
+        def e(a, b):
+            return torch.exp(F.cosine_similarity(a, b, dim=0) / tau)
+        positive = e(z1[i], z2[i])
+        denominator = (sum(e(z1[i], z2[j]) for j in range(len(z2)))
+                       + sum(e(z1[i], z3[j]) for j in range(len(z3))))
+        total = total - torch.log(positive / denominator)
+    return total / len(z1)
+
+
+def stacked_pass(model, rows, attention, gated_from: int, view):
+    """One pass over `rows` (as a DAS step runs [masked x; x; x; x]), rows from `gated_from` on
+    gated by `view` the companion's way: HF's head_mask per row ([layers, rows, heads, 1, 1],
+    on the attention probabilities after dropout) and `dense(h) * mask` on the FFN denses."""
+    n_rows, layers = len(rows), model.config.num_hidden_layers
+
+    def per_row(kind, width):
+        gates = torch.ones(n_rows, layers, width)
+        if kind in view:
+            gates[gated_from:] = view[kind]
+        return gates
+
+    head = per_row("head", HEADS).permute(1, 0, 2)[..., None, None]
+    intermediate, output = per_row("intermediate", 48), per_row("output", 32)
+    handles = []
+    for i, layer in enumerate(model.roberta.encoder.layer):
+        handles.append(layer.intermediate.dense.register_forward_hook(
+            lambda m, a, out, i=i: out * intermediate[:, i].unsqueeze(1)))
+        handles.append(layer.output.dense.register_forward_hook(
+            lambda m, a, out, i=i: out * output[:, i].unsqueeze(1)))
+    try:
+        return model.roberta(input_ids=rows, attention_mask=attention,
+                             head_mask=head).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("pairs", ["companion", "dropout"])
-def test_contrast_pairs_companion_matches_model_py(tiny_suite, tmp_path, pairs):
+def test_contrast_pairs_match_the_reference_under_dropout(tiny_suite, tmp_path, pairs):
+    """Train mode, dropout on (as DAP runs): both reference losses are computed from the same
+    dropout masks as the step (one stacked pass, the same seed), so they compare exactly."""
     ctx = make_ctx(tiny_suite, tmp_path)
     das = build_method("das", {"contrast_pairs": pairs, "intermediate_gate": "pre"})
     das.setup(ctx)
     das.before_domain(ctx, 0)  # the gated view: I_≤t−1 = the KL-proxy importance
-    model = ctx.model.eval()  # dropout off: every view is deterministic, so passes compare
+    model = ctx.model.train()
     torch.manual_seed(5)
     n, length = 6, 10  # no padding, as in the companion code's 164-token chunks
     clean = torch.randint(5, len(ctx.tokenizer), (n, length))
@@ -139,22 +185,26 @@ def test_contrast_pairs_companion_matches_model_py(tiny_suite, tmp_path, pairs):
     attention = torch.ones_like(clean)
     batch = {"input_ids": ids, "clean_input_ids": clean, "labels": labels,
              "attention_mask": attention}
+    torch.manual_seed(11)
     ours = das.loss(ctx, batch, das.forward(ctx, model, batch))
 
-    # model.py l.199-222
-    mlm = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-    ori = model.roberta(input_ids=clean.repeat(2, 1),
-                        attention_mask=attention.repeat(2, 1)).last_hidden_state
-    ori = ori.view(-1, 2, length, 32)
-    view = {k: v.detach() for k, v in das._view.items()}
-    mean_z1 = ori[:, 0].mean(dim=1)
-    mean_z2 = ori[:, 1].mean(dim=1)
-    mean_z3 = companion_hidden(model, clean, attention, view).mean(dim=1)
-    reference = mlm + sequence_level_contrast(mean_z1, mean_z2, mean_z3)
-    if pairs == "companion":
-        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    else:  # the paper's pairing (x with itself) is a different loss
-        assert (ours - reference).abs() > 1e-2
+    torch.manual_seed(11)
+    view = {k: v.detach() for k, v in das.importance.items()}  # I_≤0, every kind (das)
+    hidden = stacked_pass(model, torch.cat([ids, clean, clean, clean]), attention.repeat(4, 1),
+                          3 * n, view)
+    logits = model.lm_head(hidden[:n])
+    mlm = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+    z1, z2, z3 = (hidden[n * k:n * (k + 1)].mean(dim=1) for k in (1, 2, 3))
+    assert not torch.allclose(z1, z2, atol=1e-4)  # dropout on: two different views of x
+    paper = mlm + paper_info_nce(z1, z2, z3)
+    # model.py l.199-222: rows [x; x] viewed as (-1, 2, L, H), pairs of rows (2i, 2i+1)
+    outputs_ori_hidden_state = hidden[n:3 * n].view(-1, 2, length, 32)
+    mean_z1 = torch.mean(outputs_ori_hidden_state[:, 0], dim=1)
+    mean_z2 = torch.mean(outputs_ori_hidden_state[:, 1], dim=1)
+    companion = mlm + sequence_level_contrast(mean_z1, mean_z2, z3)
+    reference, other = (companion, paper) if pairs == "companion" else (paper, companion)
+    torch.testing.assert_close(ours.double(), reference.double(), rtol=1e-4, atol=1e-4)
+    assert (ours.double() - other.double()).abs() > 1e-2  # the other pairing is rejected
 
 
 # the gated view: kinds a row does not act on stay ungated -------------------------------------
