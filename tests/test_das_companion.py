@@ -23,7 +23,7 @@ from benchmark.config import build_config, read_preset
 from benchmark.context import Context
 from benchmark.training import dap_train, domain_seed
 from methods import DapPlan, build_method
-from methods.gates import FORMS, UnitGates, gate_gradients, softmask_gradients
+from methods.gates import FORMS, UnitGates, gate_gradients, normalize, softmask_gradients
 
 HEADS = 4
 COMPANION_PRESETS = [
@@ -325,20 +325,53 @@ def test_kl_proxy_companion_matches_before_distill(tiny_suite, tmp_path):
     assert not torch.allclose(paper["head"], ours["head"], atol=1e-2)
 
 
-def test_kl_proxy_companion_has_no_gradient_at_theta0(tiny_suite, tmp_path):
+def test_kl_proxy_companion_importance_at_theta0_is_rounding_noise(tiny_suite, tmp_path,
+                                                                  monkeypatch):
     """Before domain 0 the student is θ0: in eval mode the KL and its gradient are 0 up to
-    rounding, so the companion code's general importance is z-scored rounding noise."""
-    ctx = make_ctx(tiny_suite, tmp_path)
-    batch = batches_of(ctx, 3, 1)[0]
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    grads = {}
-    for mode in ("eval", "train"):
-        student, teacher = ctx.model.train(mode == "train"), ctx.base_model().train(mode == "train")
-        m = masks()
-        distill_kl(companion_hidden(teacher, ids, mask, m),
-                   companion_hidden(student, ids, mask, m)).backward()
-        grads[mode] = torch.cat([v.grad.flatten() for v in m.values()]).abs().max()
-    assert grads["eval"] < 1e-6 * grads["train"]
+    rounding, so the companion code's general importance is z-scored rounding noise. The
+    project's raw gate gradients (before the normalisation) against `compute_impt` literally:
+    both ~0 at θ0; off θ0 equal and far from 0, where a teacher that follows the student (a
+    copy of the current model in place of θ0) would still give ~0."""
+    import methods.das as das_module
+
+    raw = []
+    monkeypatch.setattr(das_module, "normalize", lambda r: raw.append(r) or normalize(r))
+    ctx = make_ctx(tiny_suite, tmp_path, importance_batches=2)
+    das = build_method("das", {"kl_proxy": "companion", "importance_form": "companion-cumulative",
+                               "intermediate_gate": "pre"})
+    das.setup(ctx)
+
+    def before_distill(student, teacher):  # model.py l.53-66: masked input, the same masks
+        def loss(batch, m):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            return distill_kl(companion_hidden(teacher, ids, mask, m),
+                              companion_hidden(student, ids, mask, m))
+        return loss
+
+    def largest(importance):
+        return max(float(v.abs().max()) for v in importance.values())
+
+    das._compute(ctx, ctx.corpus(0), "kl", seed=11)  # at θ0
+    teacher = ctx.base_model()
+    at_theta0 = compute_impt(before_distill(ctx.model.eval(), teacher.eval()),
+                             batches_of(ctx, 11, 2), masks())
+    dropout_on = compute_impt(before_distill(ctx.model.train(), teacher.train()),
+                              batches_of(ctx, 11, 2), masks())  # the scale of a real gradient
+    scale = largest(dropout_on)
+    assert largest(raw[0]) < 1e-6 * scale and largest(at_theta0) < 1e-6 * scale
+
+    perturb(ctx.model)  # as after DAP-training: the student is no longer θ0
+    das._compute(ctx, ctx.corpus(0), "kl", seed=11)
+    off_theta0 = compute_impt(before_distill(ctx.model.eval(), teacher.eval()),
+                              batches_of(ctx, 11, 2), masks())
+    for kind in off_theta0:
+        torch.testing.assert_close(raw[1][kind], off_theta0[kind], rtol=1e-3,
+                                   atol=1e-6 * scale)
+    assert largest(raw[1]) > 1e-3 * scale
+    following = copy.deepcopy(ctx.model).eval()  # the wrong teacher: the student itself
+    wrong = compute_impt(before_distill(ctx.model.eval(), following), batches_of(ctx, 11, 2),
+                         masks())
+    assert largest(wrong) < 1e-6 * scale
 
 
 # 3. gradient aggregation ------------------------------------------------------------------
