@@ -10,6 +10,7 @@ dense (`networks/transformers/roberta.py` l.175-200), independently of `methods.
 
 import copy
 from contextlib import contextmanager
+from itertools import islice
 
 import pytest
 import torch
@@ -608,6 +609,40 @@ def test_published_defaults_are_unchanged():
     assert build_method("dga-one").args.softmask_units == ["head"]
 
 
+def paper_kl_importance(model, batches):
+    """The paper's general-importance proxy (DAS §3.1, DGA §3), written out: per batch, the
+    model (dropout on) runs x twice in one pass over [x; x]; L = KL(softmax(h1) ‖ softmax(h2))
+    of the two mean-pooled last hidden layers, / B; I = (1/N) Σ_n |∂L/∂g| with a gate g per head
+    (HF's head_mask), per intermediate activation and per output neuron; then softmask.py's
+    impt_norm (z-score per layer, tanh, |·|)."""
+    layers = model.config.num_hidden_layers
+    total = {k: torch.zeros(v.shape) for k, v in masks(layers, requires_grad=False).items()}
+    count = 0
+    for batch in batches:
+        m = masks(layers)
+        handles = []
+        for i, layer in enumerate(model.roberta.encoder.layer):
+            handles.append(layer.intermediate.register_forward_hook(  # after the activation
+                lambda mod, a, out, g=m["intermediate"][i]: out * g))
+            handles.append(layer.output.dense.register_forward_hook(
+                lambda mod, a, out, g=m["output"][i]: out * g))
+        ids, mask = batch["clean_input_ids"], batch["attention_mask"]
+        hidden = model.roberta(input_ids=torch.cat([ids, ids]),
+                               attention_mask=torch.cat([mask, mask]),
+                               head_mask=m["head"]).last_hidden_state
+        for h in handles:
+            h.remove()
+        weights = torch.cat([mask, mask]).unsqueeze(-1).float()
+        h1, h2 = ((hidden * weights).sum(1) / weights.sum(1)).chunk(2)
+        loss = (F.softmax(h1, -1) * (F.log_softmax(h1, -1) - F.log_softmax(h2, -1))).sum()
+        loss = loss / len(h1)
+        grads = torch.autograd.grad(loss, [m[k] for k in total])
+        for k, g in zip(total, grads, strict=True):
+            total[k] += g.abs()
+        count += 1
+    return {k: impt_norm(v / count) for k, v in total.items()}
+
+
 def test_dga_one_starts_every_domain_from_theta0_with_that_domains_importance(tiny_suite,
                                                                            tmp_path):
     ctx = make_ctx(tiny_suite, tmp_path)
@@ -618,9 +653,17 @@ def test_dga_one_starts_every_domain_from_theta0_with_that_domains_importance(ti
     dga.before_domain(ctx, 1)
     for p, q in zip(ctx.model.parameters(), ctx.base_model().parameters(), strict=True):
         assert torch.equal(p, q)
-    torch.manual_seed(0)
-    expected = dga._compute(ctx, ctx.corpus(1), "kl", ctx.config.seed + 7 + 1)
-    torch.testing.assert_close(dga.importance["head"], expected["head"])
+    cfg = ctx.config
+
+    def reference(t: int):
+        torch.manual_seed(0)
+        stream = ctx.mlm_batches(ctx.corpus(t), cfg.seed + 7 + 1, cfg.importance_batch_size)
+        return paper_kl_importance(ctx.model.train(), islice(stream, cfg.importance_batches))
+
+    expected = reference(1)  # domain 1's corpus, θ0, the seed of domain 1
+    torch.testing.assert_close(dga.importance["head"], expected["head"], rtol=1e-4, atol=1e-5)
+    # the wrong variant, the general importance of the first domain's corpus, is rejected
+    assert not torch.allclose(dga.importance["head"], reference(0)["head"], atol=1e-3)
     assert dga.importance["intermediate"].abs().sum() == 0  # heads only
     assert (ctx.run_dir / "artifacts" / f"importance_general1_{ctx.domains[1]}.safetensors"
             ).exists()
