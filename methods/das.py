@@ -3,9 +3,10 @@
 Before the first domain, the KL proxy (the model against itself under two dropout masks) gives
 the importance of every unit for general knowledge. While training domain t, each unit's
 parameter gradients are scaled by (1 − I_≤t−1); the MLM loss is joined by an InfoNCE loss that
-contrasts the full model's representation with the "previous knowledge" model (every unit
-multiplied by its importance). After domain t, the MLM loss gives the domain's importance,
-accumulated by element-wise max. The arguments express the paper's ablations (RQ3–RQ5).
+contrasts the full model's representation with the "previous knowledge" model (every unit of
+the kinds in `units` multiplied by its importance, the other kinds left ungated). After domain
+t, the MLM loss gives the domain's importance, accumulated by element-wise max. The arguments
+express the paper's ablations (RQ3–RQ5).
 
 DAS as published vs as released. The authors' companion code (GitHub UIC-Liu-Lab/ContinualLM,
 commit 57e498c) differs from the method as the paper and ../shared/spec/METHODS.md describe it in
