@@ -322,6 +322,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch": full.dap_batch_size, "seq_len": full.max_length, "steps": args.steps,
         "repeats": args.repeats, "dap_steps": full.dap_steps, "domains": n_domains,
         "importance_batches": full.importance_batches, "importance_timed": timed_batches,
+        "importance_batch": full.importance_batch_size,
         "model_params": sum(p.numel() for p in base.parameters()),
         "random_init": args.random_init, "suite": args.suite, "methods": {},
     }
@@ -435,7 +436,8 @@ def _importance_lines(res: dict[str, Any], accumulation: int) -> list[str]:
     kl, domain = das["before_domain_s"] * scale, das["after_domain_s"] * scale
     dap = das["median_s"] * accumulation * res["dap_steps"]
     n = res["domains"]
-    measured = f"{res['importance_batches']} batches of {res['batch']} sequences"
+    measured = (f"{res['importance_batches']} batches of "
+                f"{res.get('importance_batch', res['batch'])} sequences")
     if scale != 1:
         measured += f"; timed on {res['importance_timed']}, scaled x{scale:g}"
     das["importance"] = {"kl_proxy_s": kl, "domain_s": domain, "dap_domain_s": dap}

@@ -86,8 +86,15 @@ class RunConfig:
         False, "DAP sequences: the corpus concatenated and cut into chunks of max_length tokens "
         "(the companion code's group_texts, ContinualLM utils/data.py l.110-123) instead of one "
         "text per sequence", flag=True)
-    max_grad_norm: float = knob(1.0, "gradient clipping norm (0: no clipping)", non_negative)
+    # the companion code never clips: ContinualLM approaches/update_model.py l.15-19 steps right
+    # after backward and soft-masking (approaches/compute_gradient.py l.49-81)
+    max_grad_norm: float = knob(0.0, "DAP gradient clipping norm (0: no clipping, the "
+                                "reference's)", non_negative)
     importance_batches: int = knob(8, "batches for importance / Fisher statistics", positive)
+    # the companion code's importance loader: 100 sequences a batch (ContinualLM posttrain.py
+    # l.204-209), 100 batches covering its 10,000-chunk subset
+    importance_batch_size: int = knob(100, "sequences per batch of the DAS/DGA unit-importance "
+                                      "passes (the reference's: 100)", positive)
     head_warmup_steps: int = knob(
         0, "train only the base model's MLM head (encoder frozen) this many steps on the first "
         "domain's corpus first (for checkpoints shipped without a head)", non_negative, flag=True)

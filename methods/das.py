@@ -3,14 +3,15 @@
 Before the first domain, the KL proxy (the model against itself under two dropout masks) gives
 the importance of every unit for general knowledge. While training domain t, each unit's
 parameter gradients are scaled by (1 − I_≤t−1); the MLM loss is joined by an InfoNCE loss that
-contrasts the full model's representation with the "previous knowledge" model (every unit
-multiplied by its importance). After domain t, the MLM loss gives the domain's importance,
-accumulated by element-wise max. The arguments express the paper's ablations (RQ3–RQ5).
+contrasts the full model's representation with the "previous knowledge" model (every unit of
+the kinds in `units` multiplied by its importance, the other kinds left ungated). After domain
+t, the MLM loss gives the domain's importance, accumulated by element-wise max. The arguments
+express the paper's ablations (RQ3–RQ5).
 
 DAS as published vs as released. The authors' companion code (GitHub UIC-Liu-Lab/ContinualLM,
 commit 57e498c) differs from the method as the paper and ../shared/spec/METHODS.md describe it in
 seven places; each is an argument here whose default is the published form, so any mix runs
-(the preset `das-companion` sets all seven, clipping through the run config's `max_grad_norm: 0`):
+(the preset `das-companion` sets all seven; the seventh, no clipping, is the run default):
 
 1. `contrast_pairs`: "dropout" (the paper: the positive is a second dropout view of the same
    sequence) or "companion": the clean batch tiled with `repeat(2, 1)` and its last hidden states
@@ -41,8 +42,9 @@ seven places; each is an argument here whose default is the published form, so a
    l.195-200, see `methods.gates.UnitGates`).
 6. `qkv_softmask`: "rows" (the paper) or "companion" (`networks/baselines/softmask.py`
    l.183-197, see `methods.gates.softmask_gradients`).
-7. Gradient clipping: the run config's `max_grad_norm` (0 turns it off); the companion code
-   never clips (`approaches/update_model.py` l.15-19 steps right after backward and masking).
+7. Gradient clipping: the run config's `max_grad_norm` (0, the default, turns it off); the
+   companion code never clips (`approaches/update_model.py` l.15-19 steps right after backward
+   and masking).
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ Kind = Literal["head", "intermediate", "output"]  # gates.KINDS
 class Args:
     """The paper's settings: contrastive temperature 0.05, weight 1; |grad| importance."""
 
-    units: list[Kind] = field(default_factory=lambda: list(KINDS))  # unit kinds DAS acts on
+    # unit kinds DAS acts on (the companion's layer_to_mask); the others are neither gated in
+    # the contrast's view nor soft-masked
+    units: list[Kind] = field(default_factory=lambda: list(KINDS))
     softmask: bool = True  # RQ3: false = no soft-masking
     softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
     # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative (see gates.gate_gradients)
@@ -139,7 +143,8 @@ class DAS(Method):
         # dropout on: in eval mode the paper's KL proxy has exactly zero gradient; the companion
         # code's KL proxy runs in eval mode (see the module docstring, item 2)
         model.train(not companion_kl)
-        batches = islice(ctx.mlm_batches(data, seed), ctx.config.importance_batches)
+        batches = islice(ctx.mlm_batches(data, seed, ctx.config.importance_batch_size),
+                         ctx.config.importance_batches)
 
         def kl_proxy(batch: dict[str, Tensor]) -> Tensor:
             ids, mask = batch["clean_input_ids"], batch["attention_mask"]
@@ -176,9 +181,31 @@ class DAS(Method):
         return self._keep_units(normalize(raw))
 
     def _keep_units(self, importance: Importance) -> Importance:
-        """Zero the kinds DAS does not act on, so they are neither masked nor gated."""
+        """Zero the kinds DAS does not act on, so soft-masking leaves them (1 − 0)."""
         return {k: v if k in self.args.units else torch.zeros_like(v)
                 for k, v in importance.items()}
+
+    def _has_importance(self) -> bool:
+        """Whether any importance has been computed (not so before the first domain's end with
+        `general_importance: none`)."""
+        return self.args.general_importance != "none" or bool(self._history)
+
+    def view_gates(self, importance: Importance | None) -> Importance:
+        """The gated view's gates: `importance` on the kinds DAS acts on; every other kind is
+        left out, so its units stay ungated (gate 1), and all are when `importance` is None (none
+        computed yet).
+
+        As the companion code builds the view (ContinualLM 57e498c): `approaches/
+        before_posttrain.py` l.88-93 sets only the importances named in `layer_to_mask`
+        (DGA: `head_mask`), the others stay `None`; `approaches/compute_loss.py` l.35-39
+        passes all three to the model, whose layers skip a `None` mask
+        (`networks/transformers/roberta.py` l.176-179, 196-199, 339-341);
+        `softmask.accumulate_impt` returns `None` for all three while no importance was saved
+        (`networks/baselines/softmask.py` l.157-158: no general importance, first domain).
+        """
+        if importance is None:
+            return {}
+        return {k: v for k, v in importance.items() if k in self.args.units}
 
     def _general_importance(self, ctx) -> Importance:
         kind = self.args.general_importance
@@ -200,7 +227,8 @@ class DAS(Method):
         ctx.save_artifact(f"importance_{name}.safetensors", importance)
 
     def mask(self) -> Importance:
-        """I_≤t−1 as used for soft-masking and the gated view, after the RQ3 transforms."""
+        """I_≤t−1 as used for soft-masking (0 for the kinds not acted on) and, through
+        `view_gates`, for the gated view, after the RQ3 transforms."""
         imp = self.importance
         transform = self.args.importance_transform
         if transform == "permute":
@@ -209,7 +237,7 @@ class DAS(Method):
                    for k, v in imp.items()}
         elif transform == "binary":
             imp = {k: (v > self.args.hard_threshold).float() for k, v in imp.items()}
-        return self._keep_units(imp)
+        return self._keep_units(imp)  # kinds not acted on: unmasked
 
     # -- the loop's moments -------------------------------------------------------------
     def before_domain(self, ctx, t: int) -> None:
@@ -218,9 +246,11 @@ class DAS(Method):
             self.importance = accumulate(None, self.general)
             self._save(ctx, "general", self.general)
         self._mask = {k: v.to(ctx.accelerator.device) for k, v in self.mask().items()}
-        general = self.general if self.args.contrast == "general-only" else None
-        self._view = {k: v.to(ctx.accelerator.device) for k, v in
-                      (self._keep_units(general) if general else self._mask).items()}
+        if self.args.contrast == "general-only":
+            source = self.general if self.args.general_importance != "none" else None
+        else:
+            source = self.mask() if self._has_importance() else None
+        self._view = {k: v.to(ctx.accelerator.device) for k, v in self.view_gates(source).items()}
 
     def _views(self) -> list[str]:
         """The contrast views of each example: 'full' (ungated) or 'gated' (previous knowledge)."""

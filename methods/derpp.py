@@ -1,9 +1,14 @@
 """DER++ (Buzzega et al., 2020): replay of earlier sequences with their stored dark knowledge.
 
-Every `replay_every` steps, while the buffer holds anything, two independent minibatches are
-drawn from it: `alpha · MSE(now, stored)` on the first (the last hidden states, or the MLM
-logits, the model produced when the sequence was stored), `beta · L_mlm` on the second (its
-stored masks and labels), both added to the current batch's MLM loss.
+Every `replay_every` steps, while the buffer holds anything, a minibatch is drawn from it:
+`alpha · MSE(now, stored)` (the last hidden states, or the MLM logits, the model produced when
+the sequence was stored; the mean over the non-padding tokens' values) plus `beta · L_mlm` (its
+stored masks and labels), both added to the current batch's MLM loss. `replay_batches: one`
+(default) computes both terms on that one batch, as the companion code does
+(`approaches/compute_gradient.py` l.22-27: one `replay_batch`, one forward pass, `replay_beta`
+on its MLM loss and `replay_alpha` on the MSE of its `hidden_states[-1]`); `two` draws a second,
+independent batch for the β term, as DER++ is published (Buzzega et al. 2020, Algorithm 1;
+Mammoth `models/derpp.py` l.41-51).
 
 `fill: after_domain` (default) fills the buffer as the companion code intends
 (UIC-Liu-Lab/ContinualLM, commit 57e498c): after DAP-training domain t, sequences of its corpus
@@ -67,6 +72,8 @@ class Args:
     beta: float = 0.5  # weight of the replayed MLM loss (Mammoth's best_args, buffer 500)
     replay_every: int = knob(1, check=positive)  # replay on every k-th DAP step
     replay_batch_size: int = 0  # 0: the DAP batch size
+    # one: both terms on one replay batch (companion code) | two: one batch per term (the paper)
+    replay_batches: Literal["one", "two"] = "one"
     # what is stored and matched: "hidden" or "logits" (L × vocab each)
     target: Literal["hidden", "logits"] = "hidden"
 
@@ -105,12 +112,16 @@ class DERpp(Method):
     def replay_loss(self, model, batch_size: int) -> Tensor:
         n = self.args.replay_batch_size or batch_size
         memory = _trim(self.buffer.sample(n))
-        hidden = mlm_forward(model, memory).hidden
+        replay = mlm_forward(model, memory)
+        hidden = replay.hidden
         now = mlm_head_of(model)(hidden) if self.args.target == "logits" else hidden
         valid = memory["attention_mask"].unsqueeze(-1).to(now.dtype)
         error = F.mse_loss(now, memory["target"].to(now.dtype), reduction="none") * valid
         mse = error.sum() / (valid.sum() * now.shape[-1]).clamp(min=1.0)
-        mlm = mlm_forward(model, _trim(self.buffer.sample(n))).loss
+        if self.args.replay_batches == "two":
+            mlm = mlm_forward(model, _trim(self.buffer.sample(n))).loss
+        else:
+            mlm = replay.loss
         return self.args.alpha * mse + self.args.beta * mlm
 
     @torch.no_grad()

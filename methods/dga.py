@@ -4,7 +4,9 @@
 soft-masking of head gradients by accumulated importance, and the contrast of the full model
 against the head-gated one. Its defaults, in dga.yaml (which applies to every method of this
 module), restrict every DAS argument that names units to attention heads; every other argument,
-including the published-vs-released options of `methods.das`, is DAS's.
+including the published-vs-released options of `methods.das`, is DAS's. The FFN units are left
+ungated in the gated view and unmasked (`DAS.view_gates`), as the companion code's
+`layer_to_mask='head_mask'` leaves them.
 
 `dga-one`, DGA as the companion code runs it: every domain DAP-trained alone from θ0 (not
 continual).
@@ -49,6 +51,9 @@ class DGAOne(DGA):
         if self.args.general_importance != "kl":
             return self._general_importance(ctx)
         return self._compute(ctx, ctx.corpus(t), "kl", ctx.config.seed + 7 + t)
+
+    def _has_importance(self) -> bool:
+        return self.args.general_importance != "none"  # no domain importance is ever added
 
     def after_domain(self, ctx, t: int) -> None:
         self._history.append(t)  # no MLM importance after a domain (companion: before_distill)

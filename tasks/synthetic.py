@@ -96,6 +96,7 @@ RUN_DEFAULTS = {
         ft_lr=5e-4,
         ft_batch_size=16,
         importance_batches=8,
+        importance_batch_size=64,  # 512 of a domain's 720 sequences, each once
     ),
     "tiny": dict(
         dap_steps=8,
@@ -106,6 +107,7 @@ RUN_DEFAULTS = {
         ft_lr=5e-4,
         ft_batch_size=16,
         importance_batches=2,
+        importance_batch_size=16,
     ),
 }
 BASE_MODELS = {

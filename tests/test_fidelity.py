@@ -285,6 +285,62 @@ def test_derpp_fills_after_each_domain_from_its_final_model(ctx):
     assert sum(after["per_domain"].values()) == len(held)
 
 
+def companion_replay(model, replay_batch, replay_alpha: float, replay_beta: float):
+    """approaches/compute_gradient.py l.22-27, literally: one replay batch, one forward pass,
+    `replay_beta` on its MLM loss and `replay_alpha` on the MSE of its last hidden states to the
+    stored ones (`self.mse`, which the companion's Appr never defines: nn.MSELoss() as its
+    MyModel defines it, networks/posttrain/model.py l.21, the mean over every element)."""
+    mse = torch.nn.MSELoss()
+    replay_outputs = model(input_ids=replay_batch["input_ids"],
+                           attention_mask=replay_batch["attention_mask"],
+                           labels=replay_batch["labels"], output_hidden_states=True)
+    loss = 0.0
+    loss += replay_outputs.loss * replay_beta
+    loss += mse(replay_outputs.hidden_states[-1], replay_batch["logits"]) * replay_alpha
+    return loss
+
+
+@pytest.mark.parametrize("replay_batches", ["one", "two"])
+def test_derpp_replay_loss_is_the_companions_on_one_batch(ctx, replay_batches):
+    derpp = build_method("derpp", {"buffer_size": 8, "alpha": 0.3, "beta": 0.7,
+                                   "replay_batches": replay_batches})
+    derpp.setup(ctx)
+    # a tiny buffer of 8 full-length masked sequences (no padding, as the companion's 164-token
+    # chunks), their targets the hidden states of a model other than the one now replaying
+    torch.manual_seed(3)
+    width = ctx.config.max_length
+    clean = torch.randint(5, len(ctx.tokenizer), (8, width))
+    picked = torch.rand(8, width) < 0.3
+    picked[:, 0] = True
+    batch = {"input_ids": torch.where(picked, ctx.tokenizer.mask_token_id, clean),
+             "attention_mask": torch.ones_like(clean),
+             "labels": torch.where(picked, clean, -100)}
+    other = small_bert(len(ctx.tokenizer))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    rows, slots = derpp.buffer.reserve(8)
+    derpp.store(ctx, batch, rows, slots, mlm_forward(other, batch).hidden, 0)
+    drawn = []
+    sample = derpp.buffer.sample
+    derpp.buffer.sample = lambda n: drawn.append(sample(n)) or drawn[-1]
+    ours = derpp.replay_loss(ctx.model, 3)
+    first = {**drawn[0], "logits": drawn[0]["target"]}
+    reference = companion_replay(ctx.model, first, replay_alpha=0.3, replay_beta=0.7)
+    swapped = companion_replay(ctx.model, first, replay_alpha=0.7, replay_beta=0.3)
+    assert not torch.allclose(swapped, reference, atol=1e-3)  # α and β tell apart
+    if replay_batches == "one":
+        assert len(drawn) == 1
+        torch.testing.assert_close(ours, reference)
+    else:  # Mammoth models/derpp.py l.41-51: the β term on a second, independent batch
+        assert len(drawn) == 2 and not torch.equal(drawn[0]["input_ids"], drawn[1]["input_ids"])
+        second = {**drawn[1], "logits": drawn[1]["target"]}
+        mammoth = (0.3 * companion_replay(ctx.model, first, 1.0, 0.0)
+                   + 0.7 * companion_replay(ctx.model, second, 0.0, 1.0))
+        torch.testing.assert_close(ours, mammoth)
+        assert not torch.allclose(ours, reference, atol=1e-3)
+
+
 def test_derpp_stream_form_stores_while_training(ctx):
     derpp = build_method("derpp", {"fill": "stream", "buffer_size": 24})
     derpp.setup(ctx)
@@ -293,6 +349,14 @@ def test_derpp_stream_form_stores_while_training(ctx):
 
 
 # -- 6. the end-task head -------------------------------------------------------------------
+def bert_head_by_hand(hidden, pooler_w, pooler_b, classifier_w, classifier_b):
+    """BERT's sequence classifier (Devlin et al. 2019 §4.1; HF BertPooler + BertForSequence-
+    Classification, dropout off): the final hidden state of [CLS], a dense layer with tanh (the
+    pooler), then a linear classifier."""
+    pooled = torch.tanh(hidden[:, 0] @ pooler_w.T + pooler_b)
+    return pooled @ classifier_w.T + classifier_b
+
+
 def test_end_task_model_is_the_stock_bert_head_on_the_shared_encoder(ctx):
     encoder = encoder_of(ctx.model)
     model = task_model(encoder, num_labels=3).eval()
@@ -302,8 +366,23 @@ def test_end_task_model_is_the_stock_bert_head_on_the_shared_encoder(ctx):
     ids, mask = batch["clean_input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits
     hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    pooled = torch.tanh(model.bert.pooler.dense(hidden[:, 0]))  # BertPooler on [CLS]
-    torch.testing.assert_close(logits, model.classifier(pooled))
+    weights = [t.detach() for t in (model.bert.pooler.dense.weight, model.bert.pooler.dense.bias,
+                                    model.classifier.weight, model.classifier.bias)]
+    torch.testing.assert_close(logits, bert_head_by_hand(hidden, *weights))
+    # a wrong readout (the mean over tokens in place of [CLS]) is told apart
+    mean_read = bert_head_by_hand(hidden.mean(1, keepdim=True), *weights)
+    assert not torch.allclose(logits, mean_read, atol=1e-4)
+
+
+def roberta_classification_head(features, dense_w, dense_b, out_w, out_b):
+    """RobertaClassificationHead.forward as the companion code runs it (its
+    MyRobertaForSequenceClassification, networks/transformers/roberta.py l.676, imports the
+    class from transformers, l.35), dropout off: x = features[:, 0, :] (<s>); dense; tanh;
+    out_proj."""
+    x = features[:, 0, :]
+    x = x @ dense_w.T + dense_b
+    x = torch.tanh(x)
+    return x @ out_w.T + out_b
 
 
 def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
@@ -313,8 +392,18 @@ def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
         intermediate_size=16, max_position_embeddings=40, pad_token_id=1))
     model = task_model(lm.roberta, num_labels=4).eval()
     assert isinstance(model, RobertaForSequenceClassification)
+    assert model.roberta.encoder is lm.roberta  # the shared encoder itself
     ids = torch.randint(3, 40, (2, 6))
-    hidden = lm.roberta(input_ids=ids).last_hidden_state
-    head = model.classifier  # RobertaClassificationHead: dense + tanh + out_proj on <s>
-    expected = head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
-    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    hidden = lm.roberta.eval()(input_ids=ids).last_hidden_state
+    head = model.classifier
+    with torch.no_grad():  # weights large enough for tanh to be far from linear
+        for p in head.parameters():
+            p.normal_(std=1.0)
+    weights = [t.detach() for t in (head.dense.weight, head.dense.bias, head.out_proj.weight,
+                                    head.out_proj.bias)]
+    logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, roberta_classification_head(hidden, *weights))
+    # a head without the tanh (a plain two-layer linear readout of <s>) is told apart
+    no_tanh = hidden[:, 0] @ weights[0].T + weights[1]
+    assert not torch.allclose(logits, no_tanh @ weights[2].T + weights[3], atol=1e-2)
+
