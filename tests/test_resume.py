@@ -6,42 +6,56 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, NUMBERS
 
 from benchmark.__main__ import main
 
 ROOT = Path(__file__).parent.parent
-NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps", "base_fingerprint")
+ARGS = ("run", "--method", "ncl", "--profile", "tiny", "--order", "1", "--no-table", *FAST)
+RUN_DIR = Path("syn6-tiny") / "ncl" / "order1" / "seed2021"
 
 
 def cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "benchmark", "run", "--method", "ncl", "--profile", "tiny",
-            "--order", "1", "--out", str(out), "--no-table", *extra]
+    """`python -m benchmark run ...` in a subprocess (only where a real signal is the point)."""
+    args = [sys.executable, "-m", "benchmark", *ARGS, "--out", str(out), *extra]
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, **(env or {})})
 
 
+def args(out: Path, *extra: str) -> list[str]:
+    return [*ARGS, "--out", str(out), *extra]
+
+
 def result(out: Path) -> dict:
-    path = out / "syn6-tiny" / "ncl" / "order1" / "seed2021" / "result.json"
-    return json.loads(path.read_text())
+    return json.loads((out / RUN_DIR / "result.json").read_text())
 
 
-def test_same_seed_twice_gives_identical_numbers_and_kill_then_resume_matches(tmp_path):
-    first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert cli(first).returncode == 0
-    assert cli(second).returncode == 0
-    a, b = result(first), result(second)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run every killed and resumed one must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(args(out)) == 0
+    return result(out)
+
+
+def same_numbers(a: dict, b: dict) -> None:
     for key in NUMBERS:
         assert a[key] == b[key], key
 
-    # killed after the second domain's checkpoint and before its progress was written
+
+def test_a_real_kill_9_resumes_to_the_same_numbers(tmp_path, reference):
+    # the one test with a real SIGKILL, in a subprocess: after the second domain's checkpoint
+    # and before its progress was written
+    killed = tmp_path / "c"
     crash = cli(killed, env={"CDAP_CRASH_AT": "checkpoint:1"})
-    assert crash.returncode == 137
-    run_dir = killed / "syn6-tiny" / "ncl" / "order1" / "seed2021"
+    assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
+    run_dir = killed / RUN_DIR
     assert not (run_dir / "result.json").exists()
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
     assert meta["domain"] == 1
@@ -52,46 +66,44 @@ def test_same_seed_twice_gives_identical_numbers_and_kill_then_resume_matches(tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     c = result(killed)
     assert c["resumed_at"] == [2]
-    for key in NUMBERS:
-        assert c[key] == a[key], key
+    same_numbers(reference, c)  # and the same seed gave the same numbers in two processes
 
 
-def test_kill_between_fine_tunings_resumes_without_redoing_finished_ones(tmp_path):
+def test_a_real_ctrl_c_is_one_line_and_resume_ends_with_the_same_numbers(tmp_path, reference):
+    # the one test with a real SIGINT, in a subprocess: the hook waits for its handler
+    out = tmp_path / "i"
+    proc = cli(out, env={"CDAP_CRASH_AT": "finetune:1", "CDAP_CRASH_SIGNAL": "INT"})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "--resume" in proc.stderr.strip().splitlines()[-1]
+    assert main(args(out, "--resume")) == 0
+    assert result(out)["resumed_at"] == [2]
+    same_numbers(reference, result(out))
+
+
+def test_kill_between_fine_tunings_resumes_without_redoing_finished_ones(tmp_path, killed_at):
     out = tmp_path / "k"
-    crash = cli(out, env={"CDAP_CRASH_AT": "finetune:1"})
-    assert crash.returncode == 137
-    progress = json.loads(
-        (out / "syn6-tiny" / "ncl" / "order1" / "seed2021" / "progress.json").read_text())
+    killed_at(args(out), "finetune:1")
+    progress = json.loads((out / RUN_DIR / "progress.json").read_text())
     assert [len(r) for r in progress["mf1"]] == [1, 1]
-    assert cli(out, "--resume").returncode == 0
+    assert main(args(out, "--resume")) == 0
     assert [len(r) for r in result(out)["mf1"]] == [1, 2, 3]
 
 
-FAST = ("--dap-steps", "3", "--ft-epochs", "1")
 BOUNDARIES = [f"{stage}:{t}" for t in range(3) for stage in ("dap", "checkpoint", "finetune")]
 
 
 @pytest.mark.slow
-def test_killed_at_every_phase_boundary_resume_ends_with_the_same_numbers(tmp_path):
-    reference, out = tmp_path / "ref", tmp_path / "killed"
-    assert cli(reference, *FAST).returncode == 0
-    # one run, killed at every boundary in turn: each --resume goes on to the next one; at one
-    # boundary it is interrupted like Ctrl-C instead
+def test_killed_at_every_phase_boundary_resume_ends_with_the_same_numbers(tmp_path, reference,
+                                                                          killed_at):
+    out = tmp_path / "killed"
+    # one run, killed at every boundary in turn: each --resume goes on to the next one
     for n, point in enumerate([*BOUNDARIES, "finish:2"]):
-        ctrl_c = point == "finetune:1"
-        env = {"CDAP_CRASH_AT": point, **({"CDAP_CRASH_SIGNAL": "INT"} if ctrl_c else {})}
-        proc = cli(out, *FAST, *(["--resume"] if n else []), env=env)
-        if ctrl_c:
-            assert proc.returncode == 130, proc.stderr[-2000:]
-            assert "Traceback" not in proc.stderr
-            assert "--resume" in proc.stderr.strip().splitlines()[-1]
-        else:
-            assert proc.returncode == 137, (point, proc.stderr[-2000:])
-    assert cli(out, *FAST, "--resume").returncode == 0
-    a, c = result(reference), result(out)
+        killed_at(args(out, *(["--resume"] if n else [])), point)
+    assert main(args(out, "--resume")) == 0
+    c = result(out)
     assert c["resumed_at"] == [1, 1, 2, 2, 2, 3, 3]  # a kill in DAP loses its own append
-    for key in NUMBERS:
-        assert c[key] == a[key], key
+    same_numbers(reference, c)
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("progress.json"))
 
 
