@@ -15,6 +15,7 @@ import pytest
 from conftest import FAST, NUMBERS
 
 from benchmark.__main__ import main
+from benchmark.atomic import write_json_atomic
 
 ROOT = Path(__file__).parent.parent
 ARGS = ("run", "--method", "ncl", "--profile", "tiny", "--order", "1", "--no-table", *FAST)
@@ -215,3 +216,123 @@ def test_two_processes_share_batches_and_stay_in_sync(tmp_path, method):
     assert len(results) == 1 and not list(tmp_path.rglob("*.tmp"))
     result = json.loads(results[0].read_text())
     assert result["finished"] and [len(row) for row in result["mf1"]] == [1, 2, 3]
+
+
+# -- a resume that cannot be fooled: damaged weights, a diverged domain, edited data ----------
+def nan_bytes(path: Path) -> None:
+    """256 bytes of the first float32 tensor's data in a safetensors file set to 0xFF (NaN)."""
+    content = bytearray(path.read_bytes())
+    size = int.from_bytes(content[:8], "little")
+    header = json.loads(content[8:8 + size])
+    start = min(v["data_offsets"][0] for k, v in header.items()
+                if k != "__metadata__" and v["dtype"] == "F32")
+    content[8 + size + start:8 + size + start + 256] = b"\xff" * 256
+    path.write_bytes(bytes(content))
+
+
+def test_damaged_weights_are_refused_and_never_become_a_result(tmp_path, capsys, monkeypatch):
+    run_dir, args = interrupted_run(tmp_path, monkeypatch)
+    capsys.readouterr()
+    model, meta = run_dir / "checkpoint" / "model.safetensors", run_dir / "checkpoint" / "meta.json"
+    nan_bytes(model)
+
+    def refused() -> str:
+        assert main([*args, "--resume"]) == 2
+        assert not (run_dir / "result.json").exists()
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert f"{model} is damaged (its sha256 differs" in refused()
+    # a checkpoint that records no checksums (an older version's): the NaN weights are refused
+    write_json_atomic(meta, {k: v for k, v in json.loads(meta.read_text()).items()
+                             if k != "files"})
+    assert f"{model} is damaged (non-finite values in " in refused()
+
+
+@pytest.mark.parametrize("where", ["loss", "weight"])
+def test_a_diverged_domain_stops_the_run_before_its_checkpoint(tmp_path, capsys, monkeypatch,
+                                                               where):
+    import torch
+
+    import benchmark.loop
+
+    real = benchmark.loop.dap_train
+
+    def diverging(ctx, method, plan, t):
+        losses = real(ctx, method, plan, t)
+        if t == 1 and where == "loss":
+            losses[-1] = float("nan")
+        elif t == 1:
+            with torch.no_grad():
+                ctx.model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("inf")
+        return losses
+
+    monkeypatch.setattr(benchmark.loop, "dap_train", diverging)
+    out = tmp_path / "out"
+    assert main(["run", "--method", "ncl", "--profile", "tiny", "--out", str(out), "--no-table",
+                 *FAST]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "domain 1 (" in line and "not finite" in line
+    if where == "weight":
+        assert "bert.encoder.layer.0.output.dense.weight" in line
+    run_dir = out / "syn6-tiny" / "ncl" / "order0" / "seed2021"
+    assert not (run_dir / "result.json").exists()
+    assert json.loads((run_dir / "checkpoint" / "meta.json").read_text())["domain"] == 0
+
+
+def user_suite(root: Path) -> Path:
+    """A two-domain suite YAML with its data files and a tiny local base model under `root`."""
+    import torch
+    import yaml
+    from transformers import BertConfig, BertForMaskedLM
+
+    from benchmark.basemodel import word_tokenizer
+
+    words = [f"w{k}" for k in range(24)]
+    tokenizer = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    domains = {}
+    for d, name in enumerate(("news", "blogs")):
+        own = words[12 * d:12 * d + 12]
+        (root / f"{name}.txt").write_text("\n".join(
+            " ".join(own[(k + j) % 12] for j in range(8)) for k in range(40)) + "\n")
+        for split, n in (("train", 12), ("test", 6)):
+            rows = [json.dumps({"text": " ".join(own[(k * 5 + j) % 12] for j in range(6)),
+                                "label": ["yes", "no"][k % 2]}) for k in range(n)]
+            (root / f"{name}-{split}.jsonl").write_text("\n".join(rows) + "\n")
+        domains[name] = {"corpus": {"format": "text", "files": [f"{name}.txt"]},
+                         "task": {"format": "scibert-jsonl", "labels": ["yes", "no"],
+                                  "train": [f"{name}-train.jsonl"],
+                                  "test": [f"{name}-test.jsonl"]}}
+    spec = {"name": "mini", "base_model": str(root / "model"), "split": "standard",
+            "defaults": {"dap_batch_size": 8, "max_length": 16, "ft_batch_size": 4,
+                         "importance_batches": 2}, "domains": domains}
+    path = root / "suite.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_data_edited_between_a_kill_and_resume_is_refused_naming_the_file(tmp_path, capsys,
+                                                                          monkeypatch,
+                                                                          killed_at):
+    monkeypatch.setenv("CDAP_DATA_DIR", str(tmp_path / "data"))
+    suite = user_suite(tmp_path)
+    args = ["run", "--suite", str(suite), "--method", "ncl", "--out", str(tmp_path / "runs"),
+            "--no-table", "--dap-steps", "2", "--ft-epochs", "1"]
+    killed_at(args, "finetune:0")  # A[0][0] measured on the test set as it was
+    test_file = tmp_path / "news-test.jsonl"
+    kept = test_file.read_text()
+    test_file.write_text(kept.replace('"label": "yes"', '"label": "maybe"').replace(
+        '"label": "no"', '"label": "yes"').replace('"label": "maybe"', '"label": "no"'))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data news-test.jsonl changed since" in line and "--overwrite" in line
+    assert not list((tmp_path / "runs").rglob("result.json"))
+    test_file.write_text(kept)
+    assert main([*args, "--resume"]) == 0
+    done = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
+    assert done["resumed_at"] == [1] and [len(r) for r in done["mf1"]] == [1, 2]
