@@ -156,8 +156,7 @@ def test_full_disk_then_bad_resumes_are_refused_and_a_good_one_finishes(tmp_path
         path = next(run_dir.rglob(name))
         good = path.read_bytes()
         path.write_bytes(damage)
-        assert f"{path.parent if name == 'model.safetensors' else path} is damaged" in refused(
-            "--resume")
+        assert f"{path} is damaged" in refused("--resume")
         path.write_bytes(good)
     assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == saved
     assert main([*args, "--resume"]) == 0
