@@ -56,6 +56,7 @@ def test_a_real_kill_9_resumes_to_the_same_numbers(tmp_path, reference):
     killed = tmp_path / "c"
     crash = cli(killed, env={"CDAP_CRASH_AT": "checkpoint:1"})
     assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
+    assert "reusing cached base model" in crash.stderr  # the session's θ0, not a rebuild
     run_dir = killed / RUN_DIR
     assert not (run_dir / "result.json").exists()
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
@@ -75,7 +76,7 @@ def test_a_real_ctrl_c_is_one_line_and_resume_ends_with_the_same_numbers(tmp_pat
     out = tmp_path / "i"
     proc = cli(out, env={"CDAP_CRASH_AT": "finetune:1", "CDAP_CRASH_SIGNAL": "INT"})
     assert proc.returncode == 130, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "reusing cached base model" in proc.stderr
     assert "--resume" in proc.stderr.strip().splitlines()[-1]
     assert main(args(out, "--resume")) == 0
     assert result(out)["resumed_at"] == [2]
