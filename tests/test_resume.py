@@ -1,6 +1,9 @@
 """Same seed, same numbers; a run killed anywhere and resumed ends with the same numbers; a
-resume that cannot be right (another config, damaged files, a live writer) is refused in one
-line, exit 2, nothing lost."""
+resume that cannot be right (another config, a missing or damaged file, edited data, a live
+writer) is refused in one line, exit 2, nothing lost; a diverged domain never becomes a result.
+
+Kills are made in this process (the crash hook raises `CrashPoint`, see conftest `killed_at`);
+one test sends a real SIGKILL and one a real SIGINT to a subprocess."""
 
 import errno
 import json
