@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()
+    from benchmark.record import NotFinite
     from benchmark.report import ExtraMissing
     from methods import MethodError
     from tasks import SuiteError
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data": command_data, "plot": command_plot,
                 "report": command_report}[args.command](args)
     except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing, DamagedFile,
-            RunLocked) as err:
+            RunLocked, NotFinite) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder turned read-only, ...

@@ -3,21 +3,31 @@
 The record (`RunRecord`, what `progress.json` holds) is saved inside the checkpoint, so a kill
 between the checkpoint and the next `progress.json` write leaves a state `--resume` reconciles:
 it takes whichever of the two is at the checkpoint's domain (`resume_state`).
+
+`meta.json`, written last, lists the sha256 of every other file of the checkpoint (`files`:
+the model, the method's state in whatever format the method writes it) and a digest of the data
+the run reads (`data`, see `loop.data_digest`). `verify_checkpoint` checks them before a resume
+loads anything: a file missing (a method that saved state must find it) or changed is refused
+in one line naming it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from benchmark.atomic import DamagedFile, atomic_path, read_json, write_json_atomic
 from benchmark.record import RunRecord
+from tasks.files import sha256_file
 
 CHECKPOINT = "checkpoint"
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, method, meta: dict[str, Any]) -> Path:
@@ -29,8 +39,35 @@ def save_checkpoint(run_dir: Path, model: nn.Module, method, meta: dict[str, Any
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         method.save_state(tmp)
-        write_json_atomic(tmp / "meta.json", meta)
+        write_json_atomic(tmp / "meta.json", {**meta, "files": checksums(tmp)})
     return final
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file under it (`meta.json` aside)."""
+    return {p.relative_to(directory).as_posix(): sha256_file(p)
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "meta.json"}
+
+
+def verify_checkpoint(path: Path, meta: dict[str, Any]) -> None:
+    """Every file `meta['files']` lists is there with its recorded sha256, else `DamagedFile`
+    naming the first that is not. A checkpoint written before checksums were recorded (no
+    `files`) is taken as it is."""
+    files = meta.get("files")
+    if files is None:
+        log.warning("%s records no checksums (written by an older version): its files are "
+                    "taken unchecked", path)
+        return
+    if not isinstance(files, dict):
+        raise DamagedFile(f"{path / 'meta.json'} is damaged (`files` is not a mapping)")
+    for name, sha in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            raise DamagedFile(f"{file} is missing: the checkpoint of domain {meta['domain']} "
+                              "is incomplete; pass --overwrite to start the run again")
+        if sha256_file(file) != sha:
+            raise DamagedFile(f"{file} is damaged (its sha256 differs from the one recorded "
+                              "when it was written); pass --overwrite to start the run again")
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -54,6 +91,9 @@ def load_checkpoint(path: Path, model: nn.Module, method) -> dict[str, Any]:
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DamagedFile(f"{path} is damaged ({first})") from None
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise DamagedFile(f"{path / 'model.safetensors'} is damaged (non-finite values in {bad})")
     return meta
 
 

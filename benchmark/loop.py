@@ -3,7 +3,10 @@
 One writer per run directory (`benchmark.lock`); every file is written atomically; after each
 domain the model, the method's state and the record are checkpointed as one, and the record is
 saved after every fine-tuning, so `--resume` continues a run killed anywhere and ends with the
-same numbers. Everything `--resume` needs is read and checked before anything is written.
+same numbers. Everything `--resume` needs is read and checked before anything is written: the
+config, θ0, every checkpoint file against the sha256 recorded when it was written, the data
+against the digest recorded with it. A domain whose DAP loss or weights are not finite stops
+the run (`NotFinite`) before it is checkpointed: a diverged run never becomes a result.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -35,13 +39,14 @@ from benchmark.checkpoint import (
     load_checkpoint,
     resume_state,
     save_checkpoint,
+    verify_checkpoint,
 )
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
-from benchmark.record import RunRecord, load, save
+from benchmark.record import NotFinite, RunRecord, load, save
 from benchmark.training import dap_train, finetune_and_test, warm_up_mlm_head
 from methods import Method, build_method
 
@@ -77,14 +82,31 @@ def environment() -> dict[str, Any]:
             "cpu": cpu_description()}
 
 
+class CrashPoint(BaseException):
+    """Raised by the test hook at a crash point (CDAP_CRASH_SIGNAL=RAISE): it stops the run
+    like a kill there (no `except Exception` catches it, nothing after the point runs, no file
+    is being written), so a test can kill and resume a run within its own process."""
+
+
 def _crash_point(stage: str, t: int) -> None:
-    """Test hook: CDAP_CRASH_AT=stage:t kills the process there like a `kill -9` (or, with
-    CDAP_CRASH_SIGNAL=INT, interrupts it like Ctrl-C)."""
-    if os.environ.get("CDAP_CRASH_AT") == f"{stage}:{t}":
-        if os.environ.get("CDAP_CRASH_SIGNAL") == "INT":
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the KeyboardInterrupt is raised here
-        os._exit(137)
+    """Test hook: CDAP_CRASH_AT=stage:t stops the process there. CDAP_CRASH_SIGNAL picks how:
+    KILL (the default) sends itself SIGKILL, a real `kill -9`; INT sends itself SIGINT, a
+    Ctrl-C, and waits for its handler to raise KeyboardInterrupt (a SIGINT that is ignored, as
+    for a background job of a non-interactive shell, is handled as Python's default first);
+    RAISE raises `CrashPoint`."""
+    if os.environ.get("CDAP_CRASH_AT") != f"{stage}:{t}":
+        return
+    how = os.environ.get("CDAP_CRASH_SIGNAL", "KILL")
+    if how == "RAISE":
+        raise CrashPoint(f"{stage}:{t}")
+    if how == "INT":
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.raise_signal(signal.SIGINT)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # until the signal's handler raises (INT) or the process is gone (KILL)
+        time.sleep(1)
 
 
 def check_same_config(cfg: RunConfig, record: RunRecord, where: Path) -> None:
@@ -99,10 +121,28 @@ def check_same_config(cfg: RunConfig, record: RunRecord, where: Path) -> None:
                           "settings to resume it, or pass --overwrite to start it again")
 
 
+def check_same_data(data: dict[str, str], meta: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume from a checkpoint made on other data than the run reads now, naming
+    the file (or dataset) that changed; a checkpoint without a data digest is taken as is."""
+    stored = meta.get("data")
+    if not isinstance(stored, dict):
+        return
+    for what in sorted(set(stored) | set(data)):
+        if stored.get(what) != data.get(what):
+            how = ("is new" if what not in stored else "is no longer read"
+                   if what not in data else "changed")
+            raise ConfigError(f"data {what} {how} since {checkpoint} was written; its numbers "
+                              "would mix two datasets: restore it, or pass --overwrite to start "
+                              "the run again")
+
+
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool,
-                    main: bool = True) -> tuple[Path, dict, RunRecord] | None:
+                    main: bool = True, data: dict[str, str] | None = None
+                    ) -> tuple[Path, dict, RunRecord] | None:
     """Check the run directory against the request and return the state to resume from, if
-    any: (checkpoint, its meta, the record). Every process checks; only `main` writes."""
+    any: (checkpoint, its meta, the record). The checkpoint's files must match their recorded
+    sha256 and `data` (the suite's `data_digest`, when given) the one recorded with it. Every
+    process checks; only `main` writes."""
     held = [n for n in (RESULT, PROGRESS, CHECKPOINT, f"{CHECKPOINT}.old")
             if (run_dir / n).exists()]
     if held and not (resume or overwrite):
@@ -118,6 +158,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
                 raise DamagedFile(f"{checkpoint / 'meta.json'} is damaged (no domain index)")
             stored = (checkpoint, meta, resume_state(meta, progress))
             check_same_config(cfg, stored[2], run_dir)
+            verify_checkpoint(checkpoint, meta)
+            if data is not None:
+                check_same_data(data, meta, checkpoint)
         elif progress is not None:
             check_same_config(cfg, progress, run_dir)
     if main and overwrite:
@@ -152,11 +195,12 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
             if main:  # a kill may have come just after the result was written
                 tidy(run_dir, keep_checkpoint)
             return done.to_dict()
-        stored = prepare_run_dir(run_dir, cfg, resume, overwrite, main)
+        data = suite.data_digest(suite.order(cfg.order))
+        stored = prepare_run_dir(run_dir, cfg, resume, overwrite, main, data)
         accelerator.wait_for_everyone()
         if report_to:  # live tracking: the resolved config first
             start_tracking(accelerator, cfg, suite.order(cfg.order))
-        record = run_sequence(cfg, suite, run_dir, accelerator, stored, cache)
+        record = run_sequence(cfg, suite, run_dir, accelerator, stored, cache, data)
         accelerator.wait_for_everyone()
         if main:
             save(run_dir / RESULT, record)
@@ -175,8 +219,10 @@ def tidy(run_dir: Path, keep_checkpoint: bool) -> None:
 
 
 def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
-                 stored: tuple[Path, dict, RunRecord] | None, cache: str | None) -> RunRecord:
-    """θ0, then for every domain: DAP-train and checkpoint it, fine-tune the row's tasks."""
+                 stored: tuple[Path, dict, RunRecord] | None, cache: str | None,
+                 data: dict[str, str] | None = None) -> RunRecord:
+    """θ0, then for every domain: DAP-train and checkpoint it (with `data`, the suite's data
+    digest), fine-tune the row's tasks."""
     started = time.perf_counter()
     names, main = suite.order(cfg.order), accelerator.is_main_process
     method = build_method(cfg.method, cfg.method_args)
@@ -206,8 +252,8 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
         if t >= record.domains_done:
             train_domain(ctx, method, record, general, t)
             if main:
-                save_checkpoint(run_dir, ctx.model, method,
-                                {"domain": t, "name": name, "record": record.to_dict()})
+                save_checkpoint(run_dir, ctx.model, method, {
+                    "domain": t, "name": name, "record": record.to_dict(), "data": data or {}})
             _crash_point("checkpoint", t)
             if main:
                 save(run_dir / PROGRESS, record)
@@ -250,15 +296,32 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     _crash_point("dap", t)
     set_seed(ctx.seed_for("after_domain", t))
     method.after_domain(ctx, t)
+    check_finite(ctx, losses, t)
     record.dap_loss.append(losses)
     record.dap_steps.append(plan.steps if plan is not None else 0)
     if general is not None:
         record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
+        check_finite(ctx, record.general_mlm_loss[-1:], t, "general MLM loss")
     record.timings["dap_s"].append(round(time.perf_counter() - start, 3))
     record.mf1.append([])
     record.acc.append([])
     record.collapsed.append([])
     record.timings["finetune_s"].append([])
+
+
+def check_finite(ctx: Context, losses: list[float], t: int, what: str = "DAP loss") -> None:
+    """`NotFinite` if a loss of domain t or a weight of the model is NaN or infinite: the run
+    has diverged (or started from damaged weights), and nothing of the domain is kept."""
+    where = f"{ctx.run_dir}: domain {t} ({ctx.domains[t]})"
+    bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise NotFinite(f"{where}: the {what} is not finite ({losses[bad[0]]} at record "
+                        f"{bad[0]}); the run has diverged and is stopped before its checkpoint")
+    weight = next((n for n, p in ctx.model.named_parameters() if not torch.isfinite(p).all()),
+                  None)
+    if weight is not None:
+        raise NotFinite(f"{where}: weight {weight} is not finite after DAP-training; the run has "
+                        "diverged and is stopped before its checkpoint")
 
 
 def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, tasks, t: int,

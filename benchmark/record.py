@@ -19,6 +19,10 @@ from benchmark.atomic import DamagedFile, read_json, write_json_atomic
 SCHEMA = 3  # 2: schema, base_fingerprint, head_warmup_loss always present; 3: protocol, collapsed
 
 
+class NotFinite(ValueError):
+    """A loss or weight of a run that is NaN or infinite: it never becomes a result."""
+
+
 @dataclass
 class RunRecord:
     suite: str

@@ -122,11 +122,15 @@ class Method:
             raise ValueError(f"method {self.name!r} got unexpected state {sorted(state)}")
 
     def save_state(self, directory: Path) -> None:
-        """Write the method's state into a checkpoint directory (override for library formats)."""
+        """Write the method's state into a checkpoint directory (override for library formats).
+        The checkpoint records the sha256 of every file written there, and `--resume` refuses
+        it when one is missing or changed, whatever the format."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if state:
             save_file(state, str(directory / "method_state.safetensors"))
 
     def load_state(self, directory: Path) -> None:
+        """Load what `save_state` wrote; no file: the method saved no state (an empty
+        `state_dict`), as the checkpoint's recorded files have been checked to be there."""
         path = directory / "method_state.safetensors"
         self.load_state_dict(load_file(str(path)) if path.exists() else {})

@@ -66,7 +66,7 @@ def build_domain(spec: SuiteSpec, name: str, files: SuiteFiles, split: str,
                  f"{where}: task test split")
     end_task = EndTask(name=dom.task.name or name, labels=list(dom.task.labels), train=train,
                        test=test, epochs=dom.task.epochs if task_epochs else None)
-    return Domain(name=name, corpus=corpus, task=end_task)
+    return Domain(name=name, corpus=corpus, task=end_task, files=sha)
 
 
 def build_suite(spec: SuiteSpec, profile: str, dirs: DataDirs, domains: list[str] | None = None,

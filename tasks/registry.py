@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,9 @@ class Domain:
     name: str
     corpus: Dataset
     task: EndTask
+    # {file as the suite names it: sha256} of every data file the domain was built from (empty:
+    # built without files)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +88,32 @@ class Suite:
                 f"known: {sorted(self.domains)}"
             )
         return names
+
+    def data_digest(self, names: list[str]) -> dict[str, str]:
+        """{what: sha256} of the data a run over domains `names` reads: the files each domain
+        was built from, as the suite names them (its datasets follow from them and the suite
+        spec); for a domain built without files (the synthetic suites), the content of its
+        corpus, train and test sets; the general corpus's content. A run stores it with its
+        checkpoints, so `--resume` can name what changed since."""
+        out: dict[str, str] = {}
+        for name in names:
+            domain = self.domains[name]
+            out.update(domain.files)
+            if not domain.files:
+                for part, data in (("corpus", domain.corpus), ("train", domain.task.train),
+                                   ("test", domain.task.test)):
+                    out[f"{self.name} domain {name!r} {part}"] = dataset_sha256(data)
+        if self.general_corpus is not None:
+            out[f"{self.name} general corpus"] = dataset_sha256(self.general_corpus)
+        return out
+
+
+def dataset_sha256(data: Dataset) -> str:
+    """The sha256 of a dataset's rows (as sorted-key JSON, one line per column)."""
+    digest = hashlib.sha256()
+    for column, values in sorted(data.to_dict().items()):
+        digest.update(json.dumps([column, values], ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 SuiteBuilder = Callable[..., Suite]

@@ -132,6 +132,15 @@ def test_row_trains_two_domains_and_resumes_from_its_state(row, ctx, tmp_path):
 
 
 @needs_avalanche
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ROWS)
+def test_kill_and_resume_gives_the_uninterrupted_numbers_and_refuses_lost_state(
+        kill_resume_and_lose_state, row):
+    # the row's own file (methods/avalanche.py STATE_FILE), written by its `save_state`
+    kill_resume_and_lose_state(row, ["avalanche_state.pt"])
+
+
+@needs_avalanche
 @pytest.mark.parametrize("row", ["avl-mas", "avl-si", "avl-rwalk", "avl-ewc"])
 def test_regularisers_penalise_moving_away_from_the_last_domain(row, ctx):
     method = build_method(row, {"sequences": 32} if row in ("avl-mas", "avl-ewc") else {})

@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +16,6 @@ from benchmark.context import Context
 from methods import build_method
 from methods.das import info_nce
 from methods.gates import KINDS, UnitGates, accumulate, normalize, softmask_gradients
-
-ROOT = Path(__file__).parent.parent
 
 
 def small_mlm(kind: str = "bert", vocab: int = 60):
@@ -182,19 +176,18 @@ def test_das_loss_adds_weighted_contrast(ctx):
     torch.testing.assert_close(das.loss(ctx, batch, out), expected)
 
 
-def test_resume_mid_sequence_reloads_the_same_importance(tmp_path):
+def test_resume_mid_sequence_reloads_the_same_importance(tmp_path, killed_at):
+    from benchmark.__main__ import main
+
     out = tmp_path / "runs"
-    args = [sys.executable, "-m", "benchmark", "run", "--method", "das", "--profile", "tiny",
-            "--out", str(out), "--no-table"]
-    env = {**os.environ, "CDAP_CRASH_AT": "finetune:1"}
-    assert subprocess.run(args, cwd=ROOT, env=env, capture_output=True).returncode == 137
+    args = ["run", "--method", "das", "--profile", "tiny", "--out", str(out), "--no-table"]
+    killed_at(args, "finetune:1")
     run_dir = out / "syn6-tiny" / "das" / "order0" / "seed2021"
     saved = load_file(str(run_dir / "checkpoint" / "method_state.safetensors"))
     accumulated = load_file(str(run_dir / "artifacts" / "importance_accumulated1.safetensors"))
     for kind in KINDS:
         assert torch.equal(saved[f"accumulated.{kind}"], accumulated[kind])
-    resumed = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main([*args, "--resume"]) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["resumed_at"] == [2] and len(result["mf1"]) == 3
     # the resumed domain's accumulation starts from the reloaded importance
@@ -219,11 +212,12 @@ def test_bad_das_argument_fails_before_anything_is_written(tmp_path, capsys):
 
 def test_same_seed_twice_gives_identical_das_numbers(tmp_path):
     # the KL proxy runs with dropout before the first DAP step: its randomness must be seeded
+    from benchmark.__main__ import main
+
     results = []
-    for name in ("a", "b"):
-        args = [sys.executable, "-m", "benchmark", "run", "--method", "das", "--profile", "tiny",
-                "--out", str(tmp_path / name), "--no-table"]
-        assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
+    for name in ("a", "b"):  # in one process: an unseeded draw would differ between the two
+        assert main(["run", "--method", "das", "--profile", "tiny", "--out", str(tmp_path / name),
+                     "--no-table"]) == 0
         path = tmp_path / name / "syn6-tiny" / "das" / "order0" / "seed2021" / "result.json"
         results.append(json.loads(path.read_text()))
     for key in ("mf1", "acc", "dap_loss", "general_mlm_loss"):
