@@ -87,6 +87,20 @@ class Context:
                 self.config.group_texts)
         return self._corpora["general"]
 
+    def replay_corpus(self) -> Dataset | None:
+        """General text DAP may train on (replay), tokenised: the suite's `replay_corpus` (real
+        suites: a stand-in for the base model's pre-training data), else the corpus a self-built
+        θ0 was pre-trained on (syn6), else None. Never the held-out `general_corpus`."""
+        raw = self.suite.replay_corpus
+        if raw is None:
+            raw = self.suite.pretrain_corpus
+        if raw is None:
+            return None
+        if "replay" not in self._corpora:
+            self._corpora["replay"] = dap_sequences(raw, self.tokenizer, self.config.max_length,
+                                                    self.config.group_texts)
+        return self._corpora["replay"]
+
     def mlm_batches(self, data: Dataset, seed: int, batch_size: int | None = None,
                     shuffle: bool = True) -> Iterator[dict[str, Tensor]]:
         """Masked batches of `data`, endlessly, placed on the accelerator's device."""
