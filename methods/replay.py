@@ -162,13 +162,14 @@ class Replay(Method):
 
     def mix(self, ctx, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch with its last rows replaced by this step's replayed rows."""
-        n = replay_rows(self.args.share, ctx.config.dap_batch_size)
+        world = ctx.accelerator.num_processes
+        current = batch["input_ids"].shape[0]  # B / world, less where a corpus is smaller
+        n = replay_rows(self.args.share, min(ctx.config.dap_batch_size, current * world))
         n_general, n_past = source_rows(self.args.source, n, ctx.t)
         past = [ctx.corpus(d) for d in range(ctx.t)]
         rows, sources = self.sampler.draw(self.general, past, n_general, n_past)
-        mine = slice(ctx.accelerator.process_index, None, ctx.accelerator.num_processes)
+        mine = slice(ctx.accelerator.process_index, None, world)
         rows, sources = rows[mine], sources[mine]
-        current = batch["input_ids"].shape[0]
         self.counts["current"] += current - len(rows)
         self.counts["current_tokens"] += int(batch["attention_mask"][:current - len(rows)].sum())
         if not rows:

@@ -257,7 +257,7 @@ NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ewc", "derpp", "kd", "hat"])
+@pytest.mark.parametrize("method", ["ewc", "derpp", "kd", "hat", "replay"])
 def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, method):
     def cli(out, *extra, env=None):
         args = [sys.executable, "-m", "benchmark", "run", "--method", method, "--profile",
