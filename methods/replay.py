@@ -3,27 +3,29 @@
 The recipe continual pre-training has converged on: Ibrahim et al. (TMLR 2024, "Simple and
 Scalable Strategies to Continually Pre-train Large Language Models") find that re-warming and
 re-decaying the learning rate plus replaying a small share of the earlier data matches
-re-training on the union of all data: they compare replay shares from 0.5 % to 50 %, where a
+re-training on the union of all data: they compare replay shares from 1 % to 50 %, where a
 few per cent (1 %, 5 %) undo most forgetting under a weak shift (Pile → SlimPajama) and a
 strong one (→ German) wants more (25 %). TiC-LM (Li et al., ACL 2025) and Jin et al. (2022,
 "Lifelong Pretraining: Continually Adapting Language Models to Emerging Corpora") find replay
 among the hardest baselines to beat. Hence the defaults: `share` 0.05 and `source: general`
 (the base model's own kind of data, as Ibrahim et al. replay the Pile, the first dataset), and
-the presets `replay-share-0.01`,
-`replay` (0.05), `replay-share-0.25`, `replay-past`, `replay-both` and `replay-rewarm` (5 % with
-a cosine schedule re-warmed per domain, `benchmark/schedule.py`).
+the presets `replay-share-0.01`, `replay` (0.05), `replay-share-0.25`, `replay-past`,
+`replay-both` and `replay-rewarm` (5 % with a cosine schedule re-warmed per domain,
+`benchmark/schedule.py`).
 
 The batch: of the B = `dap_batch_size` rows of a DAP step, n = ⌊r · B + ½⌋ are replayed (at
 least 1 when r > 0, at most B − 1) and replace the current domain's last n rows, so every step
 still trains B sequences and costs what an `ncl` step costs (the same steps, batch and
 sequence length: its tokens and FLOPs are ncl's up to the replayed rows' lengths). The current
 domain's stream is ncl's, rows dropped included, so only the replaced rows differ. Examples:
-B = 64 (syn6): r = 0.01, 0.05, 0.25 give n = 1, 3, 16; B = 16 (real6): n = 1, 1, 4.
+B = 64 (syn6): r = 0.01, 0.05, 0.25 give n = 1, 3, 16; B = 16 (real6): n = 1, 1, 4 (there
+1 % and 5 % are the same row; B = 248 (das6): n = 2, 12, 62).
 
 The sources (domain t):
 - `general`: the suite's general replay text (`Context.replay_corpus`: syn6's θ0 pre-training
   corpus; real6 / das6: WikiText-2 test, standing in for the base model's pre-training data),
-  never the held-out general corpus on which the general MLM loss is measured.
+  never the held-out general corpus on which the general MLM loss is measured (a sequence in
+  both is dropped from the replay pool).
 - `past`: the corpora of domains 0 … t−1, each replayed row from a domain drawn uniformly,
   then a sequence of it drawn uniformly; nothing on the first domain (the batch is all current).
 - `both`: n − ⌊n/2⌋ general rows and ⌊n/2⌋ past rows (all n general on the first domain).
