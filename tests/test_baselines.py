@@ -264,3 +264,25 @@ def test_real6_general_text_is_wikitext_with_a_held_out_slice_no_replay_draws(tm
     heldout, replay = build_general(spec, SuiteFiles(spec, DataDirs(tmp_path / "all", MIRROR)),
                                     {})
     assert (len(heldout), len(replay)) == (1837, 2115)  # distinct paragraphs, none shared
+
+
+def test_a_bad_general_entry_is_one_line_naming_the_file_and_key():
+    from tasks.registry import SuiteError
+    from tasks.spec import parse_spec
+
+    domain = {"corpus": {"format": "text", "files": "c.txt"},
+              "task": {"format": "scibert-jsonl", "labels": ["a", "b"], "train": "tr.jsonl",
+                       "test": "te.jsonl"}}
+    good = {"heldout": {"format": "wikitext", "files": "valid.txt"},
+            "replay": [{"format": "wikitext", "files": "test.txt"}], "note": "stand-in"}
+    spec = parse_spec({"name": "s", "domains": {"d": domain}, "general": good}, "s.yaml", None)
+    assert spec.files["valid.txt"].role == "general-heldout"
+    assert spec.files["test.txt"].role == "general-replay"
+    bad = [("valid.txt", "s.yaml: general: expected a mapping of heldout, replay"),
+           ({"replay": good["replay"]}, "s.yaml: general: expected a mapping"),
+           ({**good, "replay": good["heldout"]}, r"general: file\(s\) \['valid.txt'\] are both"),
+           ({"heldout": {"format": "nope", "files": "v"}},
+            "s.yaml: general: heldout source 1: unknown corpus format 'nope'")]
+    for value, message in bad:
+        with pytest.raises(SuiteError, match=message):
+            parse_spec({"name": "s", "domains": {"d": domain}, "general": value}, "s.yaml", None)
