@@ -239,6 +239,8 @@ def test_joint_retrains_from_theta0_on_the_union_with_t_plus_one_budgets(tiny_su
     assert plan.steps == 15
     assert len(plan.data) == sum(len(ctx.corpus(i)) for i in range(3))
     assert not method.past_tasks_unchanged
+    with pytest.raises(ValueError, match="use dap_rewarm: true"):
+        method.setup(make_ctx(tiny_suite, tmp_path, dap_rewarm=False))
 
 
 # -- the general corpus of real data ---------------------------------------------------------
