@@ -79,6 +79,14 @@ class RunConfig:
     dap_batch_size: int = knob(64, "DAP batch size (global)", positive, flag=True)
     dap_lr: float = knob(1e-3, "DAP learning rate", positive, flag=True)
     dap_warmup: float = knob(0.1, "share of DAP steps with a linear warm-up", fraction)
+    dap_schedule: Literal["linear", "cosine", "constant", "wsd"] = knob(
+        "linear", "DAP learning-rate shape after the warm-up (benchmark/schedule.py): linear "
+        "or cosine decay to 0, constant, or wsd (stable, then a linear decay over dap_decay)",
+        flag=True)
+    dap_rewarm: bool = knob(True, "re-warm and re-decay the DAP learning rate for every domain "
+                            "(false: one schedule over the whole sequence)", flag=True)
+    dap_decay: float = knob(0.1, "wsd: share of a domain's DAP steps in the final decay",
+                            fraction)
     dap_weight_decay: float = knob(0.0, "DAP weight decay", non_negative)
     mlm_probability: float = knob(0.15, "share of tokens masked", probability)
     max_length: int = knob(128, "tokens per sequence", positive)

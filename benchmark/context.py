@@ -87,6 +87,27 @@ class Context:
                 self.config.group_texts)
         return self._corpora["general"]
 
+    def replay_corpus(self) -> Dataset | None:
+        """General text DAP may train on (replay), tokenised: the suite's `replay_corpus` (real
+        suites: a stand-in for the base model's pre-training data), else the corpus a self-built
+        θ0 was pre-trained on (syn6), else None; less every sequence of the held-out
+        `general_corpus` (syn6's generator repeats sentences across the two)."""
+        raw = self.suite.replay_corpus
+        if raw is None:
+            raw = self.suite.pretrain_corpus
+        if raw is None:
+            return None
+        if "replay" not in self._corpora:
+            data = dap_sequences(raw, self.tokenizer, self.config.max_length,
+                                 self.config.group_texts)
+            held = self.general_corpus()
+            if held is not None:  # a sequence also held out is never replayed
+                held_out = {tuple(ids) for ids in held["input_ids"]}
+                data = data.filter(lambda row: tuple(row["input_ids"]) not in held_out,
+                                   desc="dropping held-out general sequences")
+            self._corpora["replay"] = data
+        return self._corpora["replay"]
+
     def mlm_batches(self, data: Dataset, seed: int, batch_size: int | None = None,
                     shuffle: bool = True) -> Iterator[dict[str, Tensor]]:
         """Masked batches of `data`, endlessly, placed on the accelerator's device."""

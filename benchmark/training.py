@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from benchmark.data import endless, mlm_loader, task_collate
 from benchmark.metrics import accuracy, macro_f1
+from benchmark.schedule import dap_schedule
 from methods.base import DapPlan, Method
 from methods.modeling import encoder_of, mlm_forward, mlm_head_of
 
@@ -49,8 +50,7 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     ctx.model.train()
     params = method.parameters(ctx)
     optimizer = torch.optim.AdamW(params, lr=cfg.dap_lr, weight_decay=cfg.dap_weight_decay)
-    schedule = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(cfg.dap_warmup * plan.steps), plan.steps)
+    schedule = dap_schedule(optimizer, cfg, plan.steps, t, len(ctx.domains))
     acc: Accelerator = ctx.accelerator
     # the model is not wrapped in DDP: methods run the body and the head directly, several
     # times a step (views, replay); each process takes a slice of the batch and the gradients

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from datasets import Dataset
 
 from tasks.cache import cache_key, saved
-from tasks.files import DataDirs, SuiteFiles
+from tasks.files import DataDirs, FetchError, SuiteFiles
 from tasks.formats import Columns, read_corpus_files, read_hf_corpus, read_task_files
 from tasks.registry import Domain, EndTask, Suite, SuiteError
-from tasks.spec import DomainSpec, SuiteSpec
+from tasks.spec import CorpusSource, DomainSpec, SuiteSpec
 from tasks.splits import Parts, cap, split_task
+
+log = logging.getLogger(__name__)
 
 
 def read_corpus(dom: DomainSpec, files: SuiteFiles) -> list[str]:
     """All documents of a domain's corpus sources, exact duplicates dropped (order kept)."""
+    return read_sources(dom.corpus, files)
+
+
+def read_sources(sources: tuple[CorpusSource, ...], files: SuiteFiles) -> list[str]:
+    """All documents of corpus sources, exact duplicates dropped (order kept)."""
     docs: list[str] = []
-    for source in dom.corpus:
+    for source in sources:
         if source.format == "hf":
             docs += read_hf_corpus(**source.options)
         else:
@@ -69,12 +77,44 @@ def build_domain(spec: SuiteSpec, name: str, files: SuiteFiles, split: str,
     return Domain(name=name, corpus=corpus, task=end_task, files=sha)
 
 
+def build_general(spec: SuiteSpec, files: SuiteFiles, caps: dict[str, int]
+                  ) -> tuple[Dataset, Dataset | None]:
+    """(held-out general corpus, general replay corpus or None), each capped like a domain's
+    corpus (`caps["corpus"]`); a replay paragraph that is also held out is dropped, so the
+    general MLM loss is measured on text no DAP batch can draw."""
+    general = spec.general
+    for rel, _ in general.paths():
+        files.file(rel)
+    sha = {rel: files.sha[rel] for rel, _ in general.paths()}
+    key = cache_key({"general": dataclasses.asdict(general), "caps": caps.get("corpus")}, sha)
+    base = files.dirs.cache / f"{spec.name}-general-{key}"
+
+    def heldout_docs() -> list[str]:
+        return cap({"t": read_sources(general.heldout, files)}, caps.get("corpus"),
+                   "general-heldout")["t"]
+
+    def replay_docs() -> list[str]:
+        held = set(read_sources(general.heldout, files))
+        docs = [d for d in read_sources(general.replay, files) if d not in held]
+        return cap({"t": docs}, caps.get("corpus"), "general-replay")["t"]
+
+    where = f"{spec.source}: general"
+    heldout = saved(base / "heldout", lambda: Dataset.from_dict({"text": heldout_docs()}),
+                    f"{where} heldout corpus")
+    replay = saved(base / "replay", lambda: Dataset.from_dict({"text": replay_docs()}),
+                   f"{where} replay corpus") if general.replay else None
+    return heldout, replay
+
+
 def build_suite(spec: SuiteSpec, profile: str, dirs: DataDirs, domains: list[str] | None = None,
                 caps: dict[str, int] | None = None, defaults: dict[str, Any] | None = None,
                 base_model: str = "", orders: list[list[str]] | None = None,
-                split: str = "paper", task_epochs: bool = True) -> Suite:
+                split: str = "paper", task_epochs: bool = True,
+                general_required: bool = True) -> Suite:
     """Build the named domains (default: all); `task_epochs=False` ignores the spec's per-task
-    epochs (CPU profiles use one `ft_epochs` for all tasks)."""
+    epochs (CPU profiles use one `ft_epochs` for all tasks). The spec's general text, if any,
+    becomes the suite's `general_corpus` (held out) and `replay_corpus`; with
+    `general_required=False` missing general files leave both None, with a warning."""
     names = domains or list(spec.domains)
     unknown = [n for n in names if n not in spec.domains]
     if unknown:
@@ -82,9 +122,18 @@ def build_suite(spec: SuiteSpec, profile: str, dirs: DataDirs, domains: list[str
     files = SuiteFiles(spec, dirs)
     built = {name: build_domain(spec, name, files, split, caps or {}, task_epochs)
              for name in names}
+    heldout = replay = None
+    if spec.general is not None:
+        try:
+            heldout, replay = build_general(spec, files, caps or {})
+        except FetchError as err:
+            if general_required:
+                raise
+            log.warning("%s: no general corpus, so no general MLM loss and no general replay "
+                        "(%s)", spec.name, err)
     return Suite(name=spec.name, profile=profile, domains=built, orders=orders or [names],
                  base_model=base_model, defaults=dict(defaults or {}),
-                 description=spec.description)
+                 description=spec.description, general_corpus=heldout, replay_corpus=replay)
 
 
 def task_splits(spec: SuiteSpec, name: str, split: str = "paper",

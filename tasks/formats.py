@@ -288,6 +288,13 @@ def corpus_pubmedqa(path: Path, encoding: str = "utf-8") -> list[str]:
     return docs
 
 
+def corpus_wikitext(path: Path, encoding: str = "utf-8") -> list[str]:
+    """WikiText (Merity et al. 2016): one paragraph per line; blank lines and lines starting
+    with `=` (the ` = Title = `, ` = = Section = = ` headings) skipped."""
+    lines = (line.strip() for line in read_text(path, encoding).splitlines())
+    return [text for text in lines if text and not text.startswith("=")]
+
+
 CORPUS_READERS: dict[str, Callable[..., list[str]]] = {
     "text": corpus_lines,
     "jsonl": corpus_jsonl,
@@ -296,6 +303,7 @@ CORPUS_READERS: dict[str, Callable[..., list[str]]] = {
     "anthology-xml": corpus_anthology_xml,
     "pubtator": corpus_pubtator,
     "pubmedqa": corpus_pubmedqa,
+    "wikitext": corpus_wikitext,
 }
 
 

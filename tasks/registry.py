@@ -68,7 +68,10 @@ class Suite:
     orders: list[list[str]]
     base_model: str | dict[str, Any]
     defaults: dict[str, Any] = field(default_factory=dict)
-    general_corpus: Dataset | None = None
+    general_corpus: Dataset | None = None  # held out: the general MLM loss, never DAP-trained
+    # general text DAP may train on (replay), disjoint from general_corpus; None: the
+    # pretrain_corpus of a self-built base model (syn6), or none
+    replay_corpus: Dataset | None = None
     pretrain_corpus: Dataset | None = None  # what a self-built base model is pretrained on
     vocabulary: list[str] | None = None
     synthetic: bool = False

@@ -74,6 +74,20 @@ class DomainSpec:
         return named
 
 
+@dataclass(frozen=True)
+class GeneralSpec:
+    """The suite's general-domain text: `heldout` (the general MLM loss, never DAP-trained) and
+    `replay` (what DAP may replay), from disjoint files; `note` names what it stands in for."""
+
+    heldout: tuple[CorpusSource, ...]
+    replay: tuple[CorpusSource, ...] = ()
+    note: str = ""
+
+    def paths(self) -> list[tuple[str, str]]:
+        return [(p, f"general-{role}") for role in ("heldout", "replay")
+                for source in getattr(self, role) for p in source.files]
+
+
 @dataclass
 class SuiteSpec:
     """A whole suite as described by a manifest or a YAML file."""
@@ -90,12 +104,13 @@ class SuiteSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     caps: dict[str, int] = field(default_factory=dict)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    general: GeneralSpec | None = None
 
 
 # ---------------------------------------------------------------- reading
 
 _SUITE_KEYS = {"name", "description", "base_model", "data_dir", "split", "orders", "defaults",
-               "caps", "profiles", "domains", "files", "note"}
+               "caps", "profiles", "domains", "files", "note", "general"}
 _TASK_KEYS = {"name", "format", "labels", "train", "dev", "test", "resplit", "epochs"}
 _FILE_KEYS = {"path", "url", "sha256", "bytes", "domain", "role", "encoding"}
 _HF_OPTIONS = ("source", "split", "field")
@@ -156,6 +171,11 @@ def parse_spec(raw: dict[str, Any], source: str, root: Path | None) -> SuiteSpec
             if not entry.domain:
                 entry = dataclasses.replace(entry, domain=dom.name, role=role)
             files.setdefault(path, entry)
+    general = _general(raw["general"], source) if raw.get("general") is not None else None
+    for path, role in general.paths() if general else ():
+        entry = listed.get(path) or FileEntry(path)
+        files.setdefault(path, entry if entry.domain else
+                         dataclasses.replace(entry, domain="general", role=role))
     split = raw.get("split", "paper")
     if split not in SPLITS:
         raise SuiteError(f"{source}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -178,7 +198,27 @@ def parse_spec(raw: dict[str, Any], source: str, root: Path | None) -> SuiteSpec
         description=str(raw.get("description", "")),
         base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
         split=split, orders=orders, defaults=dict(raw.get("defaults") or {}),
-        caps=dict(raw.get("caps") or {}), profiles=profiles)
+        caps=dict(raw.get("caps") or {}), profiles=profiles, general=general)
+
+
+def _general(raw: Any, source: str) -> GeneralSpec:
+    """`general: {heldout: [sources], replay: [sources], note}` (sources as a domain corpus's)."""
+    where = f"{source}: general"
+    if not isinstance(raw, dict) or "heldout" not in raw or set(raw) - {"heldout", "replay",
+                                                                        "note"}:
+        raise SuiteError(f"{where}: expected a mapping of heldout, replay (corpus sources), note")
+    parts = {}
+    for role in ("heldout", "replay"):
+        sources = raw.get(role) or []
+        sources = sources if isinstance(sources, list) else [sources]
+        parts[role] = tuple(_corpus_source(s, f"{where}: {role} source {k + 1}")
+                            for k, s in enumerate(sources))
+    shared = {p for s in parts["heldout"] for p in s.files} & \
+        {p for s in parts["replay"] for p in s.files}
+    if shared:
+        raise SuiteError(f"{where}: file(s) {sorted(shared)} are both held out and replayed")
+    return GeneralSpec(heldout=parts["heldout"], replay=parts["replay"],
+                       note=str(raw.get("note", "")))
 
 
 def _caps(raw: Any, where: str) -> None:

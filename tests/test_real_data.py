@@ -304,7 +304,11 @@ def test_das6_resolves_to_the_papers_settings(tmp_path, monkeypatch, data_env):
     assert [d.task.num_labels for d in suite.domains.values()] == [3, 6, 7, 2, 13, 2]
     assert DAS6_DEFAULTS["importance_batches"] == 100
     assert cfg.mixed_precision == "fp16"  # the paper's companion code trains in fp16
-    companion = {path.split("/")[0] for path in load_manifest("das6").files}
+    files = load_manifest("das6").files
+    companion = {path.split("/")[0] for path, e in files.items() if e.domain != "general"}
+    assert {e.role for e in files.values() if e.domain == "general"} == {
+        "general-heldout", "general-replay"}  # WikiText-2, fetched, not in the archive
+    assert suite.general_corpus is None  # not fetched here: warned, no general MLM loss
     assert companion == {"yelp_restaurant.txt", "acl_anthology.txt", "ai_corpus.txt",
                          "format_pubmed_small.txt", "absa", "chemprot", "citation_intent",
                          "sciie", "SemEval14-res"}

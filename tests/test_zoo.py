@@ -250,6 +250,7 @@ def test_hat_end_task_encoder_applies_its_domain_mask(ctx):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,state", [
     ("ewc", None), ("derpp", None), ("hat", None), ("das", None), ("dga", None), ("demix", None),
+    ("replay", None),
     ("kd", ["model.safetensors"]),  # KD's teacher is the model a domain starts from
 ])
 def test_kill_and_resume_gives_the_uninterrupted_numbers_and_refuses_lost_state(
