@@ -39,10 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from benchmark.config import ConfigError, RunConfig, build_config, described_yamls, read_preset
+from benchmark.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    described_yamls,
+    read_preset,
+    read_yaml,
+)
 from benchmark.lock import RunLocked, is_locked, run_lock
 from benchmark.loop import PROGRESS, RESULT, run_dir_for
 
@@ -199,13 +205,7 @@ def load_grid(name_or_path: str) -> Grid:
         if not path.exists():
             raise GridError(f"unknown grid {name_or_path!r}: no such file, and no grid preset of "
                             f"that name; valid presets: {', '.join(available_grids())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "somewhere"
-        raise GridError(f"{path}: malformed YAML at {where}: "
-                        f"{getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, GridError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
