@@ -654,8 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmark sweep", allow_abbrev=False,
         description="Run a grid of cells (rows × suites × profiles × orders × seeds), each an "
-                    "ordinary `run --resume`. Flags override the grid file's keys; any other "
-                    "flag is passed to every cell's `run` (e.g. --eval-matrix diagonal).",
+                    "ordinary `run --resume`. Flags override the grid file's keys; the flags of "
+                    "`run` are passed to every cell's `run` (e.g. --eval-matrix diagonal).",
         epilog="grid presets: " + ", ".join(available_grids()))
     p.add_argument("grid", nargs="?", help="a grid YAML file or a grid preset (e.g. paper-grid)")
     p.add_argument("--config", "--configs", dest="configs", help="presets/groups, comma separated")
@@ -679,10 +679,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-per-step", type=_rates,
                    help="override the measured figures: ncl=S,das=S,ft=S[,overhead=S]")
     p.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run = p.add_argument_group("flags of `run`, passed to every cell (added to the grid's "
+                               "run_args)")
+    for action in _run_actions():
+        kwargs: dict[str, Any] = {"dest": RUN_DEST + action.dest, "help": action.help}
+        names = action.option_strings
+        if isinstance(action, argparse._StoreTrueAction):
+            kwargs.update(action="store_true", default=None)
+        elif isinstance(action, argparse.BooleanOptionalAction):  # it adds the --no- form
+            kwargs["action"], names = argparse.BooleanOptionalAction, names[:1]
+        else:  # the value is kept as given; each cell's `run` parses (and expand checks) it
+            kwargs.update(metavar=action.metavar or action.dest.upper(), choices=action.choices)
+            if action.choices:
+                kwargs["metavar"] = "{" + ",".join(map(str, action.choices)) + "}"
+        run.add_argument(*names, **kwargs)
     return p
 
 
-def resolve(args: argparse.Namespace, extra: list[str]) -> Grid:
+RUN_DEST = "run:"  # namespace prefix of the flags that go to every cell's `run`
+
+
+def _run_actions() -> list[argparse.Action]:
+    """The options of `run` the sweep passes through: all but those it sets itself."""
+    from benchmark.__main__ import parser as cli_parser
+
+    sub = next(a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in sub.choices["run"]._actions
+            if a.option_strings and a.dest not in SWEEP_OWNED and a.dest != "help"]
+
+
+def _passed_run_args(args: argparse.Namespace) -> list[str]:
+    """The `run` flags given to the sweep, as `run` arguments (`--flag value`)."""
+    out: list[str] = []
+    for action in _run_actions():
+        value = getattr(args, RUN_DEST + action.dest, None)
+        flag = action.option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        else:
+            out += [flag, value]
+    return out
+
+
+def resolve(args: argparse.Namespace, extra: list[str] | None = None) -> Grid:
     """The grid file's keys, then the flags given (the run flags are added to run_args)."""
     grid = load_grid(args.grid) if args.grid else Grid()
     changes = {}
@@ -695,6 +738,7 @@ def resolve(args: argparse.Namespace, extra: list[str]) -> Grid:
     checked = {k: _check(k, v, "command line") for k, v in changes.items() if v != []}
     checked.update({k: [] for k, v in changes.items() if v == []})
     grid = dataclasses.replace(grid, **checked)
+    extra = [*_passed_run_args(args), *(extra or [])]
     if extra:
         grid = dataclasses.replace(grid, run_args=[*grid.run_args, *extra])
     return grid
@@ -704,9 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     from methods import MethodError
     from tasks import SuiteError
 
-    args, extra = build_parser().parse_known_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        grid = resolve(args, extra)
+        grid = resolve(args)
         cells = expand(grid, estimate=args.dry_run, rates=args.s_per_step)
         if args.shard:
             cells = shard(cells, args.shard)

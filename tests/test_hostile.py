@@ -6,8 +6,6 @@ or a view that skips the bad file with one warning and still shows the good ones
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -87,3 +85,149 @@ def test_an_order_naming_a_domain_twice_is_refused(tmp_path, capsys):
     assert suite.order(0) == ["a", "b"]
     with pytest.raises(SuiteError, match=r"order 1 of suite 's' names domain\(s\) \['a'\] more"):
         suite.order(1)
+
+
+# ---------------------------------------------------------------- sweep takes run's flags
+
+def _sample(action) -> str:
+    """A valid value for one of `run`'s options."""
+    if action.choices:
+        return str(list(action.choices)[-1])
+    if action.dest == "report_to":
+        return "tensorboard"
+    return {int: "3", float: "0.5"}.get(action.type, "some-text")
+
+
+@pytest.mark.parametrize("spelling", ["--flag value", "--flag=value"])
+def test_every_run_flag_passes_through_sweep(spelling):
+    """Each option of `run` (but those the sweep sets per cell) reaches every cell's `run`
+    with the value `run` itself would parse; a value is never taken for the grid."""
+    import argparse
+
+    from benchmark.__main__ import parser
+    from benchmark.sweep import _run_actions, _run_flags, build_parser, resolve
+
+    actions = _run_actions()
+    assert {"eval_matrix", "dap_steps", "group_texts", "keep_checkpoint", "data_dir",
+            "cache_dir", "report_to", "base_model"} <= {a.dest for a in actions}
+    for action in actions:
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            variants = [[flag], ["--no-" + flag[2:]]]
+        elif isinstance(action, argparse._StoreTrueAction):
+            variants = [[flag]]
+        elif spelling == "--flag=value":
+            variants = [[f"{flag}={_sample(action)}"]]
+        else:
+            variants = [[flag, _sample(action)]]
+        for argv in variants:
+            args = build_parser().parse_args(["--methods", "ncl", *argv])
+            assert args.grid is None, argv
+            grid = resolve(args)
+            run = parser().parse_args(["run", *argv])
+            assert getattr(parser().parse_args(["run", *grid.run_args]), action.dest) == \
+                getattr(run, action.dest), argv
+            flags = _run_flags(grid.run_args)
+            assert flags.get(action.dest) == getattr(run, action.dest) or \
+                action.dest not in flags, argv
+
+
+def test_an_unknown_sweep_flag_is_refused_not_taken_for_a_grid(capsys):
+    from benchmark.sweep import main as sweep
+
+    with pytest.raises(SystemExit) as stop:
+        sweep(["--methods", "ncl", "--eval-matrx", "diagonal", "--dry-run"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --eval-matrx" in err and "unknown grid" not in err
+
+
+# ---------------------------------------------------------------- the README's commands
+
+ROOT = Path(__file__).parent.parent
+# the runs of results/syn6 copied for the README's views: order 0 of ncl, das and one row of
+# rq3 (`plot` and `report` on all of syn6 draw 83 figures: minutes)
+README_ROWS = ("ncl", "das", "das_w_o_softmask-5ee0184b")
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python -m benchmark ...` line of the README's bash blocks, continuation lines
+    joined, comments dropped, shell variables set in the same block substituted."""
+    import re
+    import shlex
+
+    commands = []
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        variables: dict[str, str] = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if len(words) == 1 and re.fullmatch(r"[A-Z]+=.*", words[0]):
+                name, value = words[0].split("=", 1)
+                variables[name] = value
+                continue
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            words = shlex.split(line, comments=True)
+            if words[:3] == ["python", "-m", "benchmark"]:
+                commands.append(words[3:])
+    return commands
+
+
+def _readme_mix(tmp: Path) -> None:
+    """mix.yaml as the README shows it (the comment lines under `--config mix.yaml`)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(k for k, line in enumerate(lines) if "--config mix.yaml" in line)
+    body = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#   "):
+            break
+        body.append(line[4:])
+    (tmp / "mix.yaml").write_text("\n".join(body) + "\n")
+
+
+def test_the_readme_commands_run(tmp_path, monkeypatch, capsys):
+    """Each README command that runs without the network or a data mirror, on this machine:
+    `table`, `plot`, `report`, `list` as written (plot and report on a few rows of
+    results/syn6); `sweep` with --dry-run; `run` up to its plan (every config, method, order
+    and folder checked, nothing trained); `bench` --help. Real-data commands are skipped."""
+    import importlib.util
+    import shutil
+
+    from benchmark.__main__ import parser, plan_runs
+
+    syn6 = tmp_path / "results" / "syn6"
+    for path in (ROOT / "results" / "syn6").rglob("result.json"):
+        rel = path.relative_to(ROOT / "results" / "syn6")
+        if rel.parts[1] in README_ROWS and rel.parts[2] == "order0":
+            (syn6 / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, syn6 / rel)
+    (tmp_path / "results" / "runs").symlink_to(syn6)
+    (tmp_path / "results" / "real6").symlink_to(ROOT / "results" / "real6")
+    _readme_mix(tmp_path)
+    (tmp_path / "my-grid.yaml").write_text("methods: [ncl]\nprofiles: [tiny]\n")
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert ["sweep", "--methods", "ncl,das", "--profile", "tiny", "--orders", "0-1", "--seeds",
+            "2021,111", "--eval-matrix", "diagonal"] in commands
+    ran = []
+    for argv in commands:
+        if argv[0] == "data" or {"real6", "das6"} & set(argv) and argv[0] == "run":
+            continue  # the network, a data mirror or the companion archive
+        if any(w.startswith("avl") for w in argv) and not importlib.util.find_spec("avalanche"):
+            continue  # the avalanche extra
+        if "runs/avl-example" in argv:
+            continue  # made by examples/avalanche_strategy.py (training: minutes)
+        if argv[0] == "run":
+            plan_runs(parser().parse_args(argv))
+        elif argv[0] == "bench":
+            with pytest.raises(SystemExit) as stop:
+                main([*argv, "--help"])
+            assert stop.value.code == 0
+        else:
+            if argv[0] == "sweep" and "--dry-run" not in argv:
+                argv = [*argv, "--dry-run"]
+            assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
+        ran.append(argv[0])
+    assert sorted(set(ran)) == ["bench", "list", "plot", "report", "run", "sweep", "table"]
+    assert (tmp_path / "report" / "index.html").exists()
