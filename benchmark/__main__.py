@@ -313,7 +313,7 @@ def command_report(args: argparse.Namespace) -> int:
     if args.vs and args.vs not in {r["row"] for r in results}:
         raise UsageError(f"--vs {args.vs}: no such row under {args.runs}")
     index = build_report(Path(args.runs), Path(args.out), _group_rows(args.config), args.vs,
-                         _groups())
+                         _groups(), results)
     print(f"report: {index}")
     return 0
 

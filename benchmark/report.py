@@ -111,8 +111,10 @@ dt { font-weight: bold; } dd { margin-bottom: 0.4em; }
 
 
 def build_report(runs: Path, out: Path, rows: list[str] | None = None,
-                 vs: str | None = None, groups: dict[str, list[str]] | None = None) -> Path:
-    """Write `out/index.html` (figures embedded; their PNGs are kept in `out/figures`)."""
+                 vs: str | None = None, groups: dict[str, list[str]] | None = None,
+                 results: list[dict] | None = None) -> Path:
+    """Write `out/index.html` (figures embedded; their PNGs are kept in `out/figures`) from
+    `results` (default: `load_results(runs)`)."""
     from benchmark import plot
     from benchmark.tables import (
         METRICS_NOTE,
@@ -126,7 +128,7 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
         vs_note,
     )
 
-    results = load_results(runs)
+    results = load_results(runs) if results is None else results
     if not results:
         raise ValueError(f"no finished result.json under {runs}")
     figures = plot.plot_runs(results, runs, Path(out) / "figures", rows, "png", groups)

@@ -6,6 +6,8 @@ or a view that skips the bad file with one warning and still shows the good ones
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,110 @@ def test_the_readme_commands_run(tmp_path, monkeypatch, capsys):
         ran.append(argv[0])
     assert sorted(set(ran)) == ["bench", "list", "plot", "report", "run", "sweep", "table"]
     assert (tmp_path / "report" / "index.html").exists()
+
+
+# ---------------------------------------------------------------- malformed result files
+
+DOMAINS = ["restaurant", "acl", "ai"]
+
+
+def _record(row: str, seed: int, shift: float = 0.0) -> dict:
+    """A finished result record of 3 domains, as `loop.run` writes it."""
+    from benchmark.config import RunConfig
+
+    mf1 = [[50.0 + shift + seed % 7 + t + i for i in range(t + 1)] for t in range(3)]
+    return {"suite": "syn6", "profile": "tiny", "synthetic": True, "method": row, "row": row,
+            "order": 0, "seed": seed, "domains": DOMAINS, "needs_domain_id": False,
+            "config": {**RunConfig(method=row, seed=seed, profile="tiny").to_dict()},
+            "versions": {"torch": "x"}, "git_commit": "abc", "threads": 1, "cpu": "cpu",
+            "base_fingerprint": "f" * 64, "mf1": mf1, "acc": [[v + 1 for v in r] for r in mf1],
+            "protocol": "finetune", "collapsed": [[False] * (t + 1) for t in range(3)],
+            "dap_loss": [[2.0, 1.5]] * 3, "dap_steps": [2, 2, 2],
+            "general_mlm_loss": [2.0, 2.1, 2.2, 2.3], "head_warmup_loss": [],
+            "timings": {"base_model_s": 0.0, "dap_s": [1.0] * 3,
+                        "finetune_s": [[1.0] * (t + 1) for t in range(3)], "total_s": 9.0},
+            "resumed_at": [], "finished": True, "schema": 3}
+
+
+def _write_runs(root: Path, records: list[dict]) -> list[Path]:
+    paths = []
+    for rec in records:
+        path = root / f"{rec['row']}-{rec['seed']}" / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+        paths.append(path)
+    return paths
+
+
+GOOD = [_record(row, seed, shift) for row, shift in (("ncl", 0.0), ("das", 3.0))
+        for seed in (2021, 111)]
+
+
+def _malform(kind: str) -> dict:
+    rec = json.loads(json.dumps(_record("ncl", 222, 40.0)))
+    if kind == "short row":
+        rec["mf1"][2].pop()
+    elif kind == "missing row":
+        rec["mf1"].pop()
+    elif kind == "null cell":
+        rec["mf1"][2][1] = None
+    elif kind == "mf1 null":
+        rec["mf1"] = None
+    elif kind == "string number":
+        rec["mf1"][2][0] = "51.0"
+    elif kind == "string schema":
+        rec["schema"] = "3"
+    elif kind == "extra cell":
+        rec["mf1"][2].append(900.0)
+    elif kind == "config null":
+        rec["config"] = None
+    elif kind == "acc short":
+        rec["acc"][1] = [1.0]
+    return rec
+
+
+MALFORMED = ["short row", "missing row", "null cell", "mf1 null", "string number",
+             "string schema", "extra cell", "config null", "acc short"]
+
+
+def _skipped(caplog, path: Path) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "skipped" in r.getMessage() and str(path) in
+            r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_a_malformed_result_is_skipped_by_every_table_naming_it(tmp_path, capsys, caplog, kind):
+    good = tmp_path / "good"
+    _write_runs(good, GOOD)
+    runs = tmp_path / "runs"
+    _write_runs(runs, GOOD)
+    bad = _write_runs(runs, [_malform(kind)])[0]
+    for view in ([], ["--pooled"], ["--diagonal"], ["--paper-metrics"], ["--timings"],
+                 ["--dap-loss"], ["--vs", "ncl"]):
+        caplog.clear()
+        assert main(["table", "--runs", str(good), *view]) == 0
+        expected = capsys.readouterr().out
+        assert main(["table", "--runs", str(runs), *view]) == 0, view
+        assert capsys.readouterr().out == expected, view  # the good rows, unchanged
+        assert len(_skipped(caplog, bad)) == 1, view
+        assert "not a valid result record" in _skipped(caplog, bad)[0] or \
+            "not a result record" in _skipped(caplog, bad)[0]
+
+
+def test_plot_and_report_skip_malformed_results_naming_each(tmp_path, caplog):
+    runs = tmp_path / "runs"
+    _write_runs(runs, GOOD)
+    bad = []
+    for k, kind in enumerate(MALFORMED):
+        rec = _malform(kind)
+        rec["seed"] = 500 + k
+        bad += _write_runs(runs, [rec])
+    assert main(["plot", "--runs", str(runs), "--out", str(tmp_path / "fig")]) == 0
+    assert all(len(_skipped(caplog, path)) == 1 for path in bad)
+    assert (tmp_path / "fig" / "syn6-tiny-order0" / "A_mf1-das.png").exists()
+    caplog.clear()
+    assert main(["report", "--runs", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    assert all(len(_skipped(caplog, path)) == 1 for path in bad)
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "4 finished runs" in page and "seeds 111, 2021" in page
