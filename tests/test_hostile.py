@@ -340,3 +340,30 @@ def test_plot_and_report_skip_malformed_results_naming_each(tmp_path, caplog):
     assert all(len(_skipped(caplog, path)) == 1 for path in bad)
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "4 finished runs" in page and "seeds 111, 2021" in page
+
+
+# ---------------------------------------------------------------- the same run twice
+
+def test_a_copy_of_the_runs_is_counted_once_with_one_warning(tmp_path, capsys, caplog):
+    runs = tmp_path / "runs"
+    _write_runs(runs, GOOD)
+    assert main(["table", "--runs", str(runs)]) == 0
+    alone = capsys.readouterr().out
+    assert "| ncl      | 2 " in alone
+    _write_runs(runs / "backup", GOOD)  # a backup copy inside the runs folder
+    other = json.loads(json.dumps(GOOD[0]))
+    other["config"]["dap_steps"] = 7  # not a copy: another config of the same row and seed
+    _write_runs(runs / "other", [other])
+    caplog.clear()
+    assert main(["table", "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "| ncl      | 3 " in out and "| das      | 2 " in out  # not 4 + 1 and 4
+    warned = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("ignored 4 duplicate run(s)")
+    assert str(runs / "das-111" / "result.json") in warned[0]
+    for view in (["--vs", "ncl"], ["--pooled"], ["--diagonal"]):
+        (runs / "other" / "ncl-2021" / "result.json").unlink(missing_ok=True)
+        assert main(["table", "--runs", str(runs), *view]) == 0
+        copied = capsys.readouterr().out
+        assert main(["table", "--runs", str(runs / "backup"), *view]) == 0
+        assert copied == capsys.readouterr().out, view
