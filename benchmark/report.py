@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
 
+from benchmark.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 EXTRA = "pip install -e '.[report]'"
 
@@ -163,7 +165,6 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
             f"<style>{STYLE}</style></head><body>\n"
             f"<h1>cdap-bench report</h1><p>{len(results)} finished runs from "
             f"<code>{html.escape(str(runs))}</code>.</p>\n<nav>{contents}</nav>\n{body}\n</body></html>\n")
-    out.mkdir(parents=True, exist_ok=True)
     index = Path(out) / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text_atomic(index, page)
     return index

@@ -367,3 +367,68 @@ def test_a_copy_of_the_runs_is_counted_once_with_one_warning(tmp_path, capsys, c
         copied = capsys.readouterr().out
         assert main(["table", "--runs", str(runs / "backup"), *view]) == 0
         assert copied == capsys.readouterr().out, view
+
+
+# ---------------------------------------------------------------- writes that fail midway
+
+def _full_disk_on(monkeypatch, fragment: str) -> None:
+    """Every file opened for writing whose name contains `fragment` takes half of what it is
+    given, then fails as a full disk does (`open` and `io.open`, so `Path.write_text` too)."""
+    import builtins
+    import errno
+    import io
+
+    real = builtins.open
+
+    class Half:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def failing(file, mode="r", *args, **kwargs):
+        handle = real(file, mode, *args, **kwargs)
+        if fragment in str(file) and any(m in mode for m in "wax"):
+            return Half(handle)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", failing)
+    monkeypatch.setattr(io, "open", failing)
+
+
+def test_a_report_that_hits_a_full_disk_keeps_the_old_page(tmp_path, monkeypatch, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    _write_runs(runs, GOOD)
+    assert main(["report", "--runs", str(runs), "--out", str(out)]) == 0
+    index = out / "index.html"
+    before = index.read_bytes()
+    figure = out / "figures" / "syn6-tiny-order0" / "summary_bars.png"
+    assert figure.exists()
+    _write_runs(runs, [_record("kd", 2021)])  # the new page would differ
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        _full_disk_on(patch, "index.html")
+        assert main(["report", "--runs", str(runs), "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert err == f"error: No space left on device ({index})"
+    assert index.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html"]  # no temporary
+    figure_before = figure.read_bytes()
+    with monkeypatch.context() as patch:
+        _full_disk_on(patch, "summary_bars")
+        assert main(["plot", "--runs", str(runs), "--out", str(out / "figures")]) == 2
+    assert _one_line_error(capsys) == f"error: No space left on device ({figure})"
+    assert figure.read_bytes() == figure_before
+    assert not [p for p in figure.parent.iterdir() if p.name.endswith(".tmp")]
