@@ -7,6 +7,9 @@ it takes whichever of the two is at the checkpoint's domain (`resume_state`).
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,21 @@ def save_checkpoint(run_dir: Path, model: nn.Module, method, meta: dict[str, Any
     final = run_dir / CHECKPOINT
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        method.save_state(tmp)
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            method.save_state(tmp)
+        except SafetensorError as err:  # not an OSError: say which file, as the OS would
+            raise _as_os_error(err, final) from err
         write_json_atomic(tmp / "meta.json", meta)
     return final
+
+
+def _as_os_error(err: SafetensorError, path: Path) -> OSError:
+    """safetensors reports a failed write (a full disk, ...) as `SafetensorError` carrying the
+    OS error code in its text (`os error 28`): the `OSError` it stands for."""
+    code = re.search(r"os error (\d+)|code: (\d+)", str(err))
+    number = int(code.group(1) or code.group(2)) if code else errno.EIO
+    return OSError(number, os.strerror(number), str(path))
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

@@ -326,11 +326,13 @@ def expand(grid: Grid, estimate: bool = False,
 
     Two entries resolving to the same run directory and config (a row in two groups) are one
     cell; resolving to the same directory with different configs is an error."""
+    from benchmark.basemodel import check_base_model
     from methods import available_methods, build_method
     from tasks import load_suite
 
     flags = _run_flags(grid.run_args, "run flags")
     out = Path(grid.out).resolve()
+    checked_models: set[str] = set()
     methods = available_methods()
     cells: list[Cell] = []
     seen: dict[Path, tuple[str, dict]] = {}
@@ -350,6 +352,10 @@ def expand(grid: Grid, estimate: bool = False,
                             raise ConfigError(f"{entry}: unknown method {cfg.method!r}; valid "
                                               f"methods: {', '.join(methods)}")
                         method = build_method(cfg.method, cfg.method_args)
+                        model = cfg.base_model or suite.base_model
+                        if str(model) not in checked_models:  # as `run` checks it
+                            check_base_model(model)
+                            checked_models.add(str(model))
                         run_dir = run_dir_for(out, cfg)
                         if run_dir in seen:
                             if seen[run_dir][1] != cfg.to_dict():
@@ -617,20 +623,27 @@ def run_submitit(cells: list[Cell], grid: Grid) -> list[Outcome] | None:
     pending = list(args)
     running: dict[Any, Cell] = {}
     with tqdm(total=len(cells), desc="sweep (submitit)", unit="cell") as bar:
-        while pending or running:
-            while pending and len(running) < max(1, grid.jobs):
-                a = pending.pop(0)
-                running[executor.submit(execute_cell, *a)] = a[0]
-            time.sleep(0.5)
-            for job in [j for j in running if j.done()]:
-                cell = running.pop(job)
-                try:
-                    outcome = job.result()
-                except Exception as err:  # the job died (killed, timed out): say so, go on
-                    outcome = Outcome(cell, "failed", log=f"submitit job {job.job_id}: {err}")
-                outcomes.append(outcome)
-                _report(outcome, bar)
-                bar.update()
+        try:
+            while pending or running:
+                while pending and len(running) < max(1, grid.jobs):
+                    a = pending.pop(0)
+                    running[executor.submit(execute_cell, *a)] = a[0]
+                time.sleep(0.5)
+                for job in [j for j in running if j.done()]:
+                    cell = running.pop(job)
+                    try:
+                        outcome = job.result()
+                    except Exception as err:  # the job died (killed, timed out): say so, go on
+                        outcome = Outcome(cell, "failed",
+                                          log=f"submitit job {job.job_id}: {err}")
+                    outcomes.append(outcome)
+                    _report(outcome, bar)
+                    bar.update()
+        except KeyboardInterrupt:  # stop the running cells (they resume on the next sweep)
+            for job in running:
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
+            raise
     return outcomes
 
 
@@ -745,10 +758,32 @@ def resolve(args: argparse.Namespace, extra: list[str] | None = None) -> Grid:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; bad input, an unwritable `--out` and Ctrl-C are one line (exit 2, 130)."""
+    from benchmark.__main__ import degrade_output, os_error_line
+
+    degrade_output()
+    args = build_parser().parse_args(argv)
+    try:
+        return _sweep(args)
+    except OSError as err:  # a full disk, a read-only --out, ...
+        line = os_error_line(err)
+        if line is None:
+            raise
+        print(f"{line}; then rerun the same sweep to continue (finished cells are skipped, "
+              "killed ones resume)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = "" if args.dry_run else ("; rerun the same sweep to continue (finished cells "
+                                         "are skipped, killed ones resume)")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from benchmark.config import check_writable
     from methods import MethodError
     from tasks import SuiteError
 
-    args = build_parser().parse_args(argv)
     try:
         grid = resolve(args)
         cells = expand(grid, estimate=args.dry_run, rates=args.s_per_step)
@@ -758,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(cells, grid, max(1, grid.jobs), args.s_per_step))
             return 0
         todo = [c for c in cells if cell_status(c) != "done"]
+        if todo:
+            check_writable(Path(grid.out), "--out")
         print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
               f"(executor {grid.executor}, out {grid.out})")
         if not todo:

@@ -28,8 +28,12 @@ domains:
 """
 
 
-def _one_line_error(capsys) -> str:
+def _one_line_error(capsys, after_progress: bool = False) -> str:
+    """The error line on stderr, its only line (`after_progress`: after progress bars)."""
     err = capsys.readouterr().err.strip()
+    if after_progress:
+        assert "Traceback" not in err, err
+        err = err.splitlines()[-1]
     assert err.startswith("error: ") and "\n" not in err, err
     return err
 
@@ -432,3 +436,215 @@ def test_a_report_that_hits_a_full_disk_keeps_the_old_page(tmp_path, monkeypatch
     assert _one_line_error(capsys) == f"error: No space left on device ({figure})"
     assert figure.read_bytes() == figure_before
     assert not [p for p in figure.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- full disks, Ctrl-C
+
+def test_a_full_disk_during_a_checkpoint_is_an_os_error_naming_it(tmp_path, monkeypatch):
+    """safetensors raises `SafetensorError` (not an OSError) when its write fails: the
+    checkpoint says which file and why, as an OSError, and the previous checkpoint stays."""
+    import errno
+
+    from safetensors import SafetensorError
+    from torch import nn
+
+    from benchmark import checkpoint
+    from benchmark.__main__ import os_error_line
+
+    class Stateless:
+        def save_state(self, folder):
+            pass
+
+    model = nn.Linear(2, 2)
+    first = checkpoint.save_checkpoint(tmp_path, model, Stateless(), {"domain": 0})
+    kept = (first / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device '
+                              '(os error 28) at path "/x/.tmpAbc"')
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_checkpoint(tmp_path, model, Stateless(), {"domain": 1})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(first)
+    assert os_error_line(raised.value) == f"error: No space left on device ({first})"
+    assert (first / "model.safetensors").read_bytes() == kept
+    assert checkpoint.read_json(first / "meta.json") == {"domain": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary
+
+
+def test_run_stops_on_a_full_disk_at_its_checkpoint_with_one_line(tmp_path, monkeypatch,
+                                                                  capsys):
+    from safetensors import SafetensorError
+
+    from benchmark import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    out = tmp_path / "runs"
+    assert main(["run", "--profile", "tiny", "--dap-steps", "1", "--ft-epochs", "1",
+                 "--out", str(out), "--no-table"]) == 2
+    err = _one_line_error(capsys, after_progress=True)
+    assert err.startswith("error: No space left on device (") and "checkpoint)" in err
+    assert err.endswith("; then rerun with --resume to continue")
+
+
+def _grid(tmp_path: Path) -> list[str]:
+    return ["--methods", "ncl", "--profile", "tiny", "--out", str(tmp_path / "runs"),
+            "--dap-steps", "1"]
+
+
+def test_sweep_on_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from benchmark import sweep
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(
+        str(tmp_path)) else real_access(p, mode))  # root writes anywhere: as a user would see it
+    assert sweep.main(_grid(tmp_path)) == 2
+    assert f"--out {tmp_path / 'runs'}: {tmp_path} is not writable" in _one_line_error(capsys)
+    monkeypatch.setattr(os, "access", real_access)
+
+    def refused(path, wait=0.0):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(sweep, "run_lock", refused)  # writable at the check, not a moment later
+    assert sweep.main(_grid(tmp_path)) == 2
+    err = _one_line_error(capsys, after_progress=True)
+    assert err.startswith(f"error: Permission denied ({tmp_path / 'runs' / '.sweep'}")
+    assert err.endswith("; then rerun the same sweep to continue (finished cells are skipped, "
+                        "killed ones resume)")
+
+
+def test_ctrl_c_on_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from benchmark import sweep
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep, "dry_run", interrupt)
+        assert sweep.main([*_grid(tmp_path), "--dry-run"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep, "execute_cell", interrupt)
+        assert sweep.main(_grid(tmp_path)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interrupted; rerun the same sweep to continue (finished cells are skipped, killed ones "
+        "resume)")
+
+
+def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(tmp_path, monkeypatch, capsys):
+    import submitit
+
+    from benchmark import sweep
+
+    cancelled = []
+
+    class Job:
+        job_id = "1"
+
+        def done(self):
+            return False
+
+        def cancel(self, check=True):
+            cancelled.append(self)
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **params):
+            pass
+
+        def submit(self, fn, *args):
+            return Job()
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(sweep.time, "sleep", interrupt)
+    argv = [*_grid(tmp_path), "--executor", "submitit-local", "--seeds", "1,2", "--jobs", "2"]
+    assert sweep.main(argv) == 130
+    assert len(cancelled) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted; rerun the same")
+
+
+# ---------------------------------------------------------------- smaller ones
+
+def test_sweep_checks_the_base_model_before_any_cell(tmp_path, monkeypatch, capsys):
+    from benchmark import sweep
+
+    def never(*args, **kwargs):
+        raise AssertionError("a cell started")
+
+    monkeypatch.setattr(sweep, "execute_cell", never)
+    missing = tmp_path / "no-model"
+    for extra in ([], ["--dry-run"]):
+        assert sweep.main([*_grid(tmp_path), "--base-model", str(missing), *extra]) == 2
+        assert f"base model folder {missing} does not exist" in _one_line_error(capsys)
+
+
+def test_an_ascii_stdout_gets_escapes_not_a_crash(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from benchmark import sweep
+
+    runs = tmp_path / "runs"
+    _write_runs(runs, GOOD)
+    for argv, run in ((["table", "--runs", str(runs)], main),
+                      ([*_grid(tmp_path), "--dry-run"], sweep.main)):
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="ascii")  # PYTHONIOENCODING=ascii
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert run(argv) == 0
+        stream.flush()
+        text = raw.getvalue().decode("ascii")
+        assert ("\\xb1" if run is main else "\\xd7") in text  # ± in the table, × in the plan
+        monkeypatch.undo()
+
+
+def test_a_very_long_corpus_line_is_cut_with_one_warning(tmp_path, monkeypatch, caplog):
+    from tasks import formats
+
+    monkeypatch.setattr(formats, "MAX_DOC_CHARS", 100)
+    path = tmp_path / "corpus.txt"
+    path.write_text("short one\n" + "w " * 400 + "\n" + "x" * 150 + "\nlast\n")
+    with caplog.at_level(logging.WARNING):
+        docs = formats.read_corpus_files("text", [(path, "utf-8")])
+    assert [len(d) for d in docs] == [9, 100, 100, 4]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{path}: 2 document(s) longer than 100 characters cut to that length "
+                      "(the first: document 2, 799 characters)"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_directory_or_fifo_for_a_data_file_says_what_it_is(tmp_path, capsys, kind):
+    import os
+
+    root = tmp_path / "mydata"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / f"news-{split}.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"t {k}", "label": "x"}) for k in range(4)) + "\n")
+    corpus = root / "news.txt"
+    if kind == "directory":
+        corpus.mkdir()
+    else:
+        os.mkfifo(corpus)  # reading it would wait for a writer forever
+    suite = root / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "mini", "base_model": "unused-here", "domains": {
+        "news": {"corpus": {"format": "text", "files": ["news.txt"]},
+                 "task": {"format": "scibert-jsonl", "labels": ["x", "y"],
+                          "train": ["news-train.jsonl"], "test": ["news-test.jsonl"]}}}}))
+    monkey = {"directory": "is a directory", "fifo": "is a FIFO (named pipe)"}[kind]
+    assert main(["run", "--suite", str(suite), "--out", str(tmp_path / "runs")]) == 2
+    err = _one_line_error(capsys)
+    assert f"data file {corpus} (news corpus) {monkey}" in err and "missing" not in err
