@@ -156,14 +156,19 @@ ROOT = Path(__file__).parent.parent
 README_ROWS = ("ncl", "das", "das_w_o_softmask-5ee0184b")
 
 
+def _docs() -> str:
+    """The README and the pages under docs/, one text."""
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))])
+
+
 def readme_commands() -> list[list[str]]:
-    """Every `python -m benchmark ...` line of the README's bash blocks, continuation lines
-    joined, comments dropped, shell variables set in the same block substituted."""
+    """Every `python -m benchmark ...` line of the bash blocks of the README and docs/,
+    continuation lines joined, comments dropped, shell variables of the same block substituted."""
     import re
     import shlex
 
     commands = []
-    text = (ROOT / "README.md").read_text()
+    text = _docs()
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         variables: dict[str, str] = {}
         for line in block.replace("\\\n", " ").splitlines():
@@ -181,8 +186,8 @@ def readme_commands() -> list[list[str]]:
 
 
 def _readme_mix(tmp: Path) -> None:
-    """mix.yaml as the README shows it (the comment lines under `--config mix.yaml`)."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """mix.yaml as the docs show it (the comment lines under `--config mix.yaml`)."""
+    lines = _docs().splitlines()
     start = next(k for k, line in enumerate(lines) if "--config mix.yaml" in line)
     body = []
     for line in lines[start + 1:]:
