@@ -313,7 +313,7 @@ def command_report(args: argparse.Namespace) -> int:
     if args.vs and args.vs not in {r["row"] for r in results}:
         raise UsageError(f"--vs {args.vs}: no such row under {args.runs}")
     index = build_report(Path(args.runs), Path(args.out), _group_rows(args.config), args.vs,
-                         _groups())
+                         _groups(), results)
     print(f"report: {index}")
     return 0
 
@@ -337,7 +337,29 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EIO)
+
+
+def os_error_line(err: OSError) -> str | None:
+    """One line for an `OSError` the user can act on (a full disk, a read-only folder, ...),
+    naming the file; None for other errors (a bug: let its traceback show)."""
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    return f"error: {err.strerror or err}{where}"
+
+
+def degrade_output() -> None:
+    """Print what the terminal's encoding cannot show (θ0, ±, ...) as escapes, not a crash:
+    a run must not fail on its table after its result is written (PYTHONIOENCODING=ascii)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    degrade_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "adapters"):
@@ -369,12 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder turned read-only, ...
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                             errno.ENOTDIR, errno.EISDIR):
+        line = os_error_line(err)
+        if line is None:
             raise
-        where = f" ({err.filename})" if err.filename else ""
         again = "; then rerun with --resume to continue" if args.command == "run" else ""
-        print(f"error: {err.strerror or err}{where}{again}", file=sys.stderr)
+        print(f"{line}{again}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = ("; rerun the same command with --resume to continue from the last finished "

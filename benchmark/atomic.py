@@ -49,6 +49,11 @@ def atomic_path(path: Path, keep_existing: bool = False) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only folder: the error names `path`
+        _remove(tmp)
+        if err.filename not in (None, str(tmp), tmp):
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     except BaseException:
         _remove(tmp)
         raise
@@ -65,6 +70,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path`, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path`, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def read_json(path: Path) -> Any:

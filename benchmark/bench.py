@@ -57,6 +57,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch import nn
 
+from benchmark.atomic import write_text_atomic
 from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
 from benchmark.training import dap_train
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         res["peak_tflops"] = peak
         res["command"] = "python -m benchmark bench " + " ".join(argv or sys.argv[2:])
         res["versions"] = versions()
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(res, indent=1, default=str) + "\n")
     return 0
 
 

@@ -13,7 +13,10 @@ in one line naming it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,11 @@ def save_checkpoint(run_dir: Path, model: nn.Module, method, meta: dict[str, Any
     final = run_dir / CHECKPOINT
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        method.save_state(tmp)
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            method.save_state(tmp)
+        except SafetensorError as err:  # not an OSError: say which file, as the OS would
+            raise _as_os_error(err, final) from err
         write_json_atomic(tmp / "meta.json", {**meta, "files": checksums(tmp)})
     return final
 
@@ -68,6 +74,14 @@ def verify_checkpoint(path: Path, meta: dict[str, Any]) -> None:
         if sha256_file(file) != sha:
             raise DamagedFile(f"{file} is damaged (its sha256 differs from the one recorded "
                               "when it was written); pass --overwrite to start the run again")
+
+
+def _as_os_error(err: SafetensorError, path: Path) -> OSError:
+    """safetensors reports a failed write (a full disk, ...) as `SafetensorError` carrying the
+    OS error code in its text (`os error 28`): the `OSError` it stands for."""
+    code = re.search(r"os error (\d+)|code: (\d+)", str(err))
+    number = int(code.group(1) or code.group(2)) if code else errno.EIO
+    return OSError(number, os.strerror(number), str(path))
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

@@ -299,24 +299,44 @@ def check_writable(path: Path, what: str) -> None:
 
 
 # -- presets ----------------------------------------------------------------------------------
-def read_yaml(path: Path) -> Any:
-    """A YAML file's content; undecodable bytes or bad YAML name the file and line."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping naming one key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, error: type[Exception] = ConfigError) -> Any:
+    """A YAML file's content: the one reader of every YAML file of the project (run configs,
+    method presets, suites, grids). Undecodable bytes, bad YAML and a key given twice in one
+    mapping raise `error` naming the file and line."""
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        raise error(f"{path}: cannot read: {err.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: line {line} is not valid UTF-8 (byte {err.start})") from None
+        raise error(f"{path}: line {line} is not valid UTF-8 (byte {err.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "somewhere"
-        problem = getattr(err, "problem", err)
-        raise ConfigError(f"{path}: malformed YAML at {where}: {problem}") from None
+        problem = getattr(err, "problem", None) or err
+        raise error(f"{path}: malformed YAML at {where}: {problem}") from None
 
 
 def described_yamls(folder: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from benchmark.atomic import atomic_path
 from benchmark.metrics import average_matrices, forgetting_rate
 from benchmark.report import require_extra
 
@@ -59,8 +60,11 @@ def _styles(rows: list[str]) -> dict[str, dict]:
 
 
 def _save(fig, path: Path, written: list[Path]) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix[1:])
+    finally:
+        _pyplot().close(fig)
     written.append(path)
 
 

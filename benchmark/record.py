@@ -78,15 +78,104 @@ class RunRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         known.setdefault("schema", 1)
-        if isinstance(known.get("mf1"), list):  # one flag per cell of mf1; None: not recorded
-            known["collapsed"] = _shaped_like(known.get("collapsed"), known["mf1"])
+        if not _is_int(known["schema"]) or known["schema"] < 1:
+            raise DamagedFile(f"{source}: not a result record (schema must be a positive "
+                              f"integer, got {known['schema']!r})")
         if known["schema"] > SCHEMA:
             raise DamagedFile(f"{source}: schema {known['schema']} is newer than this "
                               f"package's ({SCHEMA}); update the package")
+        if isinstance(known.get("mf1"), list):  # one flag per cell of mf1; None: not recorded
+            known["collapsed"] = _shaped_like(known.get("collapsed"), known["mf1"])
         try:
-            return cls(**known)
+            record = cls(**known)
         except TypeError as err:  # a required key missing
             raise DamagedFile(f"{source}: not a result record ({err})") from None
+        problem = _problem(record)
+        if problem:
+            raise DamagedFile(f"{source}: not a valid result record: {problem}")
+        return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any, optional: bool = False) -> bool:
+    """A list of numbers (`optional`: or None)."""
+    return isinstance(value, list) and all(
+        _is_number(v) or (optional and v is None) for v in value)
+
+
+_TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
+    "suite": (lambda v: isinstance(v, str), "a string"),
+    "profile": (lambda v: isinstance(v, str), "a string"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "row": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "synthetic": (lambda v: isinstance(v, bool), "true or false"),
+    "needs_domain_id": (lambda v: isinstance(v, bool), "true or false"),
+    "finished": (lambda v: isinstance(v, bool), "true or false"),
+    "order": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "seed": (_is_int, "an integer"),
+    "domains": (lambda v: isinstance(v, list) and v and all(isinstance(d, str) for d in v),
+                "a non-empty list of domain names"),
+    "config": (lambda v: isinstance(v, dict), "a mapping"),
+    "versions": (lambda v: isinstance(v, dict), "a mapping"),
+    "timings": (lambda v: isinstance(v, dict), "a mapping"),
+    "git_commit": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "cpu": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "base_fingerprint": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "threads": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "protocol": (lambda v: isinstance(v, str), "a string"),
+    "dap_loss": (lambda v: isinstance(v, list) and all(_numbers(r) for r in v),
+                 "a list of lists of numbers"),
+    "dap_steps": (lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
+                  "a list of integers"),
+    "general_mlm_loss": (_numbers, "a list of numbers"),
+    "head_warmup_loss": (_numbers, "a list of numbers"),
+    "resumed_at": (lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
+                   "a list of integers"),
+}
+
+
+def _problem(record: RunRecord) -> str | None:
+    """What makes `record` unusable, in a few words, or None. Types of every field; A (`mf1`,
+    `acc`) lower-triangular over the recorded domains: row t holds t + 1 cells, each a number
+    or null (not evaluated: `eval_matrix: diagonal` leaves A[t][i < t] null for t < T); a
+    finished record has all T rows with numbers on the diagonal and in the last row."""
+    for name, (check, what) in _TYPES.items():
+        value = getattr(record, name)
+        if not check(value):
+            return f"{name} must be {what}, got {_short(value)}"
+    size = len(record.domains)
+    for metric in ("mf1", "acc"):
+        rows = getattr(record, metric)
+        if not isinstance(rows, list) or len(rows) > size:
+            return f"{metric} must be a list of at most {size} rows (one per domain)"
+        for t, row in enumerate(rows):
+            if not _numbers(row, optional=True):
+                return f"{metric} row {t} must be a list of numbers or nulls, got {_short(row)}"
+            complete = t < len(rows) - 1 or record.finished
+            if len(row) > t + 1 or complete and len(row) != t + 1:
+                return f"{metric} row {t} has {len(row)} cells, expected {t + 1}"
+        if record.finished:
+            if len(rows) != size:
+                return f"{metric} has {len(rows)} rows for {size} domains"
+            missing = [f"A[{t}][{t}]" for t in range(size) if rows[t][t] is None] + \
+                [f"A[{size - 1}][{i}]" for i in range(size) if rows[-1][i] is None]
+            if missing:
+                return f"{metric}: {', '.join(dict.fromkeys(missing))} of a finished run is null"
+    if len(record.acc) != len(record.mf1):
+        return f"acc has {len(record.acc)} rows, mf1 {len(record.mf1)}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _shaped_like(flags: Any, rows: list) -> list[list[bool | None]]:

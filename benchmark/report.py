@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
 
+from benchmark.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 EXTRA = "pip install -e '.[report]'"
 
@@ -111,8 +113,10 @@ dt { font-weight: bold; } dd { margin-bottom: 0.4em; }
 
 
 def build_report(runs: Path, out: Path, rows: list[str] | None = None,
-                 vs: str | None = None, groups: dict[str, list[str]] | None = None) -> Path:
-    """Write `out/index.html` (figures embedded; their PNGs are kept in `out/figures`)."""
+                 vs: str | None = None, groups: dict[str, list[str]] | None = None,
+                 results: list[dict] | None = None) -> Path:
+    """Write `out/index.html` (figures embedded; their PNGs are kept in `out/figures`) from
+    `results` (default: `load_results(runs)`)."""
     from benchmark import plot
     from benchmark.tables import (
         METRICS_NOTE,
@@ -126,7 +130,7 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
         vs_note,
     )
 
-    results = load_results(runs)
+    results = load_results(runs) if results is None else results
     if not results:
         raise ValueError(f"no finished result.json under {runs}")
     figures = plot.plot_runs(results, runs, Path(out) / "figures", rows, "png", groups)
@@ -161,7 +165,6 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
             f"<style>{STYLE}</style></head><body>\n"
             f"<h1>cdap-bench report</h1><p>{len(results)} finished runs from "
             f"<code>{html.escape(str(runs))}</code>.</p>\n<nav>{contents}</nav>\n{body}\n</body></html>\n")
-    out.mkdir(parents=True, exist_ok=True)
     index = Path(out) / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text_atomic(index, page)
     return index

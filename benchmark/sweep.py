@@ -39,10 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from benchmark.config import ConfigError, RunConfig, build_config, described_yamls, read_preset
+from benchmark.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    described_yamls,
+    read_preset,
+    read_yaml,
+)
 from benchmark.lock import RunLocked, is_locked, run_lock
 from benchmark.loop import PROGRESS, RESULT, run_dir_for
 
@@ -199,13 +205,7 @@ def load_grid(name_or_path: str) -> Grid:
         if not path.exists():
             raise GridError(f"unknown grid {name_or_path!r}: no such file, and no grid preset of "
                             f"that name; valid presets: {', '.join(available_grids())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "somewhere"
-        raise GridError(f"{path}: malformed YAML at {where}: "
-                        f"{getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, GridError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -326,11 +326,13 @@ def expand(grid: Grid, estimate: bool = False,
 
     Two entries resolving to the same run directory and config (a row in two groups) are one
     cell; resolving to the same directory with different configs is an error."""
+    from benchmark.basemodel import check_base_model
     from methods import available_methods, build_method
     from tasks import load_suite
 
     flags = _run_flags(grid.run_args, "run flags")
     out = Path(grid.out).resolve()
+    checked_models: set[str] = set()
     methods = available_methods()
     cells: list[Cell] = []
     seen: dict[Path, tuple[str, dict]] = {}
@@ -350,6 +352,10 @@ def expand(grid: Grid, estimate: bool = False,
                             raise ConfigError(f"{entry}: unknown method {cfg.method!r}; valid "
                                               f"methods: {', '.join(methods)}")
                         method = build_method(cfg.method, cfg.method_args)
+                        model = cfg.base_model or suite.base_model
+                        if str(model) not in checked_models:  # as `run` checks it
+                            check_base_model(model)
+                            checked_models.add(str(model))
                         run_dir = run_dir_for(out, cfg)
                         if run_dir in seen:
                             if seen[run_dir][1] != cfg.to_dict():
@@ -617,20 +623,27 @@ def run_submitit(cells: list[Cell], grid: Grid) -> list[Outcome] | None:
     pending = list(args)
     running: dict[Any, Cell] = {}
     with tqdm(total=len(cells), desc="sweep (submitit)", unit="cell") as bar:
-        while pending or running:
-            while pending and len(running) < max(1, grid.jobs):
-                a = pending.pop(0)
-                running[executor.submit(execute_cell, *a)] = a[0]
-            time.sleep(0.5)
-            for job in [j for j in running if j.done()]:
-                cell = running.pop(job)
-                try:
-                    outcome = job.result()
-                except Exception as err:  # the job died (killed, timed out): say so, go on
-                    outcome = Outcome(cell, "failed", log=f"submitit job {job.job_id}: {err}")
-                outcomes.append(outcome)
-                _report(outcome, bar)
-                bar.update()
+        try:
+            while pending or running:
+                while pending and len(running) < max(1, grid.jobs):
+                    a = pending.pop(0)
+                    running[executor.submit(execute_cell, *a)] = a[0]
+                time.sleep(0.5)
+                for job in [j for j in running if j.done()]:
+                    cell = running.pop(job)
+                    try:
+                        outcome = job.result()
+                    except Exception as err:  # the job died (killed, timed out): say so, go on
+                        outcome = Outcome(cell, "failed",
+                                          log=f"submitit job {job.job_id}: {err}")
+                    outcomes.append(outcome)
+                    _report(outcome, bar)
+                    bar.update()
+        except KeyboardInterrupt:  # stop the running cells (they resume on the next sweep)
+            for job in running:
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
+            raise
     return outcomes
 
 
@@ -654,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmark sweep", allow_abbrev=False,
         description="Run a grid of cells (rows × suites × profiles × orders × seeds), each an "
-                    "ordinary `run --resume`. Flags override the grid file's keys; any other "
-                    "flag is passed to every cell's `run` (e.g. --eval-matrix diagonal).",
+                    "ordinary `run --resume`. Flags override the grid file's keys; the flags of "
+                    "`run` are passed to every cell's `run` (e.g. --eval-matrix diagonal).",
         epilog="grid presets: " + ", ".join(available_grids()))
     p.add_argument("grid", nargs="?", help="a grid YAML file or a grid preset (e.g. paper-grid)")
     p.add_argument("--config", "--configs", dest="configs", help="presets/groups, comma separated")
@@ -679,10 +692,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-per-step", type=_rates,
                    help="override the measured figures: ncl=S,das=S,ft=S[,overhead=S]")
     p.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run = p.add_argument_group("flags of `run`, passed to every cell (added to the grid's "
+                               "run_args)")
+    for action in _run_actions():
+        kwargs: dict[str, Any] = {"dest": RUN_DEST + action.dest, "help": action.help}
+        names = action.option_strings
+        if isinstance(action, argparse._StoreTrueAction):
+            kwargs.update(action="store_true", default=None)
+        elif isinstance(action, argparse.BooleanOptionalAction):  # it adds the --no- form
+            kwargs["action"], names = argparse.BooleanOptionalAction, names[:1]
+        else:  # the value is kept as given; each cell's `run` parses (and expand checks) it
+            kwargs.update(metavar=action.metavar or action.dest.upper(), choices=action.choices)
+            if action.choices:
+                kwargs["metavar"] = "{" + ",".join(map(str, action.choices)) + "}"
+        run.add_argument(*names, **kwargs)
     return p
 
 
-def resolve(args: argparse.Namespace, extra: list[str]) -> Grid:
+RUN_DEST = "run:"  # namespace prefix of the flags that go to every cell's `run`
+
+
+def _run_actions() -> list[argparse.Action]:
+    """The options of `run` the sweep passes through: all but those it sets itself."""
+    from benchmark.__main__ import parser as cli_parser
+
+    sub = next(a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in sub.choices["run"]._actions
+            if a.option_strings and a.dest not in SWEEP_OWNED and a.dest != "help"]
+
+
+def _passed_run_args(args: argparse.Namespace) -> list[str]:
+    """The `run` flags given to the sweep, as `run` arguments (`--flag value`)."""
+    out: list[str] = []
+    for action in _run_actions():
+        value = getattr(args, RUN_DEST + action.dest, None)
+        flag = action.option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        else:
+            out += [flag, value]
+    return out
+
+
+def resolve(args: argparse.Namespace, extra: list[str] | None = None) -> Grid:
     """The grid file's keys, then the flags given (the run flags are added to run_args)."""
     grid = load_grid(args.grid) if args.grid else Grid()
     changes = {}
@@ -695,18 +751,41 @@ def resolve(args: argparse.Namespace, extra: list[str]) -> Grid:
     checked = {k: _check(k, v, "command line") for k, v in changes.items() if v != []}
     checked.update({k: [] for k, v in changes.items() if v == []})
     grid = dataclasses.replace(grid, **checked)
+    extra = [*_passed_run_args(args), *(extra or [])]
     if extra:
         grid = dataclasses.replace(grid, run_args=[*grid.run_args, *extra])
     return grid
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; bad input, an unwritable `--out` and Ctrl-C are one line (exit 2, 130)."""
+    from benchmark.__main__ import degrade_output, os_error_line
+
+    degrade_output()
+    args = build_parser().parse_args(argv)
+    try:
+        return _sweep(args)
+    except OSError as err:  # a full disk, a read-only --out, ...
+        line = os_error_line(err)
+        if line is None:
+            raise
+        print(f"{line}; then rerun the same sweep to continue (finished cells are skipped, "
+              "killed ones resume)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = "" if args.dry_run else ("; rerun the same sweep to continue (finished cells "
+                                         "are skipped, killed ones resume)")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from benchmark.config import check_writable
     from methods import MethodError
     from tasks import SuiteError
 
-    args, extra = build_parser().parse_known_args(argv)
     try:
-        grid = resolve(args, extra)
+        grid = resolve(args)
         cells = expand(grid, estimate=args.dry_run, rates=args.s_per_step)
         if args.shard:
             cells = shard(cells, args.shard)
@@ -714,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(cells, grid, max(1, grid.jobs), args.s_per_step))
             return 0
         todo = [c for c in cells if cell_status(c) != "done"]
+        if todo:
+            check_writable(Path(grid.out), "--out")
         print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
               f"(executor {grid.executor}, out {grid.out})")
         if not todo:

@@ -10,6 +10,7 @@ ones skipped with a warning); the views below get each record as its dict.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import defaultdict
@@ -36,17 +37,41 @@ METRICS = {"mf1": "MF1", "acc": "Acc"}
 
 def load_results(runs: Path) -> list[dict]:
     """Every finished record under `runs` (as `RunRecord.to_dict()`); a damaged file is skipped
-    with a one-line warning naming it."""
+    with a one-line warning naming it. A run found twice (a copy of the folder under `runs`) is
+    counted once: runs are the same when their `run_identity` is; the first path in sorted
+    order is kept and one warning names the others."""
     results = []
+    seen: dict[str, tuple[Path, list]] = {}
+    copies: list[str] = []
     for path in sorted(Path(runs).rglob("result.json")):
         try:
             record = load(path)
         except (DamagedFile, OSError) as err:
             log.warning("skipped %s", err)
             continue
-        if record.finished:
-            results.append(record.to_dict())
+        if not record.finished:
+            continue
+        key = run_identity(record.to_dict())
+        if key in seen:
+            first, mf1 = seen[key]
+            differ = ", other numbers: made by other code?" if mf1 != record.mf1 else ""
+            copies.append(f"{path} (= {first}{differ})")
+            continue
+        seen[key] = (path, record.mf1)
+        results.append(record.to_dict())
+    if copies:
+        shown = "; ".join(copies[:3])
+        more = f"; and {len(copies) - 3} more" if len(copies) > 3 else ""
+        log.warning("ignored %d duplicate run(s), each the same suite, profile, row, order, "
+                    "seed, θ0 and config as a file already read: %s%s", len(copies), shown, more)
     return results
+
+
+def run_identity(res: dict) -> str:
+    """What makes two result files the same run: (suite, profile, row, order, seed, θ0
+    fingerprint, resolved config)."""
+    return json.dumps([res["suite"], res["profile"], res["row"], res["order"], res["seed"],
+                       res.get("base_fingerprint"), res["config"]], sort_keys=True)
 
 
 def _row_key(row: str) -> tuple[float, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def sha256_file(path: Path) -> str:
 
 def verify(entry: FileEntry, path: Path) -> str:
     """The file's sha256, after checking it exists and matches the manifest (where it has one)."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else \
+            "a FIFO (named pipe)" if stat.S_ISFIFO(path.stat().st_mode) else "not a regular file"
+        raise FetchError(f"data file {path} ({entry.domain or '?'} {entry.role}) is {kind}; "
+                         "a data file must be a regular file")
     if not path.is_file():
         raise FetchError(f"missing data file {path} ({entry.domain or '?'} {entry.role}); run "
                          "`python -m benchmark data fetch` or pass --mirror / --data-dir")

@@ -307,15 +307,32 @@ CORPUS_READERS: dict[str, Callable[..., list[str]]] = {
 }
 
 
+# A corpus document longer than this is cut to it (with a warning): a DAP sequence reads
+# max_length tokens of a document (or of the grouped corpus), and the tokenizer's memory grows
+# with the longest one: a 50 MB line took a run to a 5.3 GB peak. A full paper is ~60k.
+MAX_DOC_CHARS = 1_000_000
+
+
+def cap_documents(docs: list[str], source: object) -> list[str]:
+    """`docs` with each cut to `MAX_DOC_CHARS` characters; one warning names `source`."""
+    long = [k for k, d in enumerate(docs) if len(d) > MAX_DOC_CHARS]
+    if long:
+        log.warning("%s: %d document(s) longer than %d characters cut to that length (the "
+                    "first: document %d, %d characters)", source, len(long), MAX_DOC_CHARS,
+                    long[0] + 1, len(docs[long[0]]))
+        docs = [d[:MAX_DOC_CHARS] for d in docs]
+    return docs
+
+
 def read_corpus_files(fmt: str, files: list[tuple[Path, str]], **options: Any) -> list[str]:
     """The documents of several (path, encoding) files of one format; a file without a single
-    document is an error naming it."""
+    document is an error naming it; documents over `MAX_DOC_CHARS` are cut (a warning)."""
     docs: list[str] = []
     for path, encoding in files:
         part = CORPUS_READERS[fmt](path, encoding, **options)
         if not part:
             raise DataFormatError(f"{path}: no {fmt} documents in the file (empty?)")
-        docs += part
+        docs += cap_documents(part, path)
     return docs
 
 
@@ -340,4 +357,4 @@ def read_hf_corpus(source: str, split: str = "train", field: str = "text") -> li
     docs = [t for t in data[field] if t and t.strip()]
     if not docs:
         raise DataFormatError(f"dataset {source!r}: no documents in column {field!r} (empty?)")
-    return docs
+    return cap_documents(docs, f"dataset {source!r}")

@@ -120,5 +120,8 @@ def load_suite_file(path: str | Path, profile: str, dirs: DataDirs) -> Suite:
         if bad:
             raise SuiteError(f"{path}: order {k} names unknown domain(s) {bad}; "
                              f"known: {list(spec.domains)}")
+        twice = sorted({n for n in order if order.count(n) > 1})
+        if twice:
+            raise SuiteError(f"{path}: order {k} names domain(s) {twice} more than once")
     return build_suite(spec, profile, dirs, None, settings["caps"], settings["defaults"], base,
                        orders, split=spec.split)

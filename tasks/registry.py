@@ -90,6 +90,10 @@ class Suite:
                 f"order {index} of suite {self.name!r} names unknown domain(s) {unknown}; "
                 f"known: {sorted(self.domains)}"
             )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SuiteError(
+                f"order {index} of suite {self.name!r} names domain(s) {twice} more than once")
         return names
 
     def data_digest(self, names: list[str]) -> dict[str, str]:

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
+from benchmark.config import read_yaml
 from tasks.formats import CORPUS_READERS, TASK_READERS
 from tasks.registry import SuiteError
 
@@ -130,15 +129,7 @@ def read_suite_file(path: str | Path) -> SuiteSpec:
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise SuiteError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "somewhere"
-        raise SuiteError(
-            f"{path}: malformed YAML at {where}: {getattr(err, 'problem', err)}") from None
+    raw = read_yaml(path, SuiteError)
     if not isinstance(raw, dict):
         raise SuiteError(f"{path}: a suite file must be a mapping")
     root = raw.get("data_dir")
