@@ -474,7 +474,7 @@ def test_a_full_disk_during_a_checkpoint_is_an_os_error_naming_it(tmp_path, monk
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(first)
     assert os_error_line(raised.value) == f"error: No space left on device ({first})"
     assert (first / "model.safetensors").read_bytes() == kept
-    assert checkpoint.read_json(first / "meta.json") == {"domain": 0}
+    assert checkpoint.read_json(first / "meta.json")["domain"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary
 
 
