@@ -4,6 +4,7 @@ Fisher or buffer literally (plain torch on a small model) and compares it with t
 import dataclasses
 import json
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,35 +204,151 @@ def without_hooks(module):
         module._forward_hooks.update(post)
 
 
-def test_prompt_is_appended_after_the_real_tokens_at_their_own_positions(ctx):
+# DGA c074732 networks/prompt.py l.48-67 and l.91-102, transcribed literally (`.cuda()` left
+# out). `model` is a stand-in whose `roberta.embeddings` is the word-embedding layer: the one
+# documented departure (`SoftPrompts`: DGA embeds the real tokens with the whole embedding layer
+# and then the model embeds them again; ContinualLM networks/prompt/tuning.py l.26 and peft use
+# the word embeddings).
+def cat_learned_embedding_to_input(model, input_ids, t):
+    inputs_embeds = getattr(model, 'roberta').embeddings(input_ids)  # noqa: B009 (literal)
+
+    if len(list(inputs_embeds.shape)) == 2:
+        inputs_embeds = inputs_embeds.unsqueeze(0)
+
+    # [batch_size, n_tokens, n_embed]
+    learned_embeds = model.prompt_embed_pool[t].weight.repeat(inputs_embeds.size(0), 1, 1)
+
+    # X: n * e, P: p * e -> [P; X]: (p+n) * e
+    inputs_embeds = torch.cat([inputs_embeds, learned_embeds], dim=1)  # add at the end
+
+    return inputs_embeds
+
+
+def extend_attention_mask(model, attention_mask):
+    if len(list(attention_mask.shape)) == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+
+    n_batches = attention_mask.shape[0]
+    return torch.cat(
+        [attention_mask, torch.full((n_batches, model.n_tokens), 1)],
+        dim=1,
+    )
+
+
+def dga_stand_in(encoder, prompts: list[torch.Tensor]):
+    """What the two functions read of DGA's model, taken from `encoder` and the prompts."""
+    pool = [SimpleNamespace(weight=p) for p in prompts]
+    return SimpleNamespace(roberta=SimpleNamespace(embeddings=encoder.embeddings.word_embeddings),
+                           prompt_embed_pool=pool, n_tokens=prompts[0].shape[0])
+
+
+def stock(encoder, embeds, mask):
+    with without_hooks(encoder):
+        return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+
+def test_prompt_is_dgas_cat_learned_embedding_to_input(ctx):
     method = build_method("prompt-one")
     method.setup(ctx)
     info = json.loads((ctx.artifacts_dir / "isolation.json").read_text())
     assert info["num_virtual_tokens"] == 48  # 64 positions − max_length 16; 100 do not fit
     assert info["requested_virtual_tokens"] == 100
     encoder = encoder_of(ctx.model)
-    prompt = method.modules.parameters(ctx.domains[0])[0]
-    assert prompt.shape == (48, 32) and float(prompt.detach().abs().max()) <= 0.5  # U(−0.5, 0.5)
+    prompts = [method.modules.parameters(d)[0] for d in ctx.domains[:2]]
+    assert prompts[0].shape == (48, 32) and float(prompts[0].detach().abs().max()) <= 0.5
     batch = next(ctx.mlm_batches(ctx.corpus(0), seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    positions = []
-    handle = encoder.embeddings.position_embeddings.register_forward_hook(
-        lambda module, args, out: positions.append(args[0]))
+    length = ids.shape[1]
+    method.modules.activate(ctx.domains[1])  # task t = 1: the second prompt of the pool
     ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    handle.remove()
     assert ours.shape == (*ids.shape, 32)
-    # real tokens at 0…L−1 (padded to max_length 16), the prompt at 16…63 after them
-    assert torch.equal(positions[0].flatten(), torch.arange(16 + 48))
-    # DGA networks/prompt.py l.64: [X; P], here X the word embeddings of the real tokens
-    # (ContinualLM networks/prompt/tuning.py l.26), padded to max_length, P the prompt
-    padded = F.pad(ids, (0, 16 - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
-    embeds = torch.cat([encoder.embeddings.word_embeddings(padded),
-                        prompt.expand(ids.shape[0], -1, -1)], dim=1)
-    full_mask = torch.cat([F.pad(mask, (0, 16 - ids.shape[1])),
-                           torch.ones(ids.shape[0], 48, dtype=mask.dtype)], dim=1)
-    with without_hooks(encoder):
-        reference = encoder(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
-    torch.testing.assert_close(ours, reference[:, : ids.shape[1]])
+    # the companion tokenises with padding="max_length": every sequence is 16 long
+    padded = F.pad(ids, (0, 16 - length), value=ctx.tokenizer.pad_token_id)
+    padded_mask = F.pad(mask, (0, 16 - length))
+    model = dga_stand_in(encoder, prompts)
+    embeds = cat_learned_embedding_to_input(model, padded, 1)
+    full_mask = extend_attention_mask(model, padded_mask)
+    reference = stock(encoder, embeds, full_mask)[:, :length]
+    torch.testing.assert_close(ours, reference)
+    # rejected: the prompt prepended ([P; X], the real tokens read at positions 48…)
+    prepended = torch.cat([embeds[:, 16:], embeds[:, :16]], dim=1)
+    wrong = stock(encoder, prepended, torch.cat([full_mask[:, 16:], full_mask[:, :16]], 1))
+    assert not torch.allclose(ours, wrong[:, 48:48 + length], atol=1e-3)
+    # rejected: the mask not extended over the prompt (zeros: the prompt is not attended)
+    unattended = torch.cat([padded_mask, torch.zeros(ids.shape[0], 48, dtype=mask.dtype)], 1)
+    wrong = stock(encoder, embeds, unattended)[:, :length]
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+    # rejected: another domain's prompt
+    assert not torch.allclose(ours, stock(encoder, cat_learned_embedding_to_input(
+        model, padded, 0), full_mask)[:, :length], atol=1e-3)
+
+
+# ContinualLM 57e498c networks/prompt/tuning.py l.6-9, l.25-40, l.54-63, transcribed literally
+# (the `one` branch; `.to(self.device)` left out): the companion's fine-tuning prompt.
+class CompanionPromptTuning:
+    def __init__(self, encoder, n_tokens):
+        self.roberta = encoder
+        self.prompt_embedding = torch.nn.parameter.Parameter(
+            self.roberta.embeddings.word_embeddings.weight[:n_tokens].clone().detach())
+
+    def _cat_prompt_embedding_to_input(self, input_ids):
+        inputs_embeds = self.roberta.embeddings.word_embeddings(input_ids)
+
+        if len(list(inputs_embeds.shape)) == 2:
+            ie = inputs_embeds.unsqueeze(0)
+        else:
+            ie = inputs_embeds
+
+        prompt_embedding = self.prompt_embedding
+
+        inputs_embeds = torch.cat([prompt_embedding.repeat(ie.size(0), 1, 1),
+                                   ie],
+                                  dim=1)
+
+        return inputs_embeds
+
+    def _extend_attention_mask(self, attention_mask):
+        n_tokens = self.prompt_embedding.shape[-2]
+
+        if len(list(attention_mask.shape)) == 1:
+            am = attention_mask.unsqueeze(0)
+        else:
+            am = attention_mask
+
+        n_batches = am.shape[0]
+        return torch.cat([torch.full((n_batches, n_tokens), 1), am], dim=1)
+
+
+def test_prompt_finetune_companion_is_continuallms_prompt_tuning(ctx):
+    method = build_method("prompt-one", {"prompt_finetune": "companion"})
+    method.setup(ctx)
+    encoder = method.model_for_task(ctx, 0)
+    fresh = encoder.soft_prompts.prompts["finetune"]
+    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert trainable == ["soft_prompts.prompts.finetune"]  # the LM and the DAP prompts frozen
+    batch = next(ctx.mlm_batches(ctx.corpus(0), seed=3))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    companion = CompanionPromptTuning(encoder_of(ctx.model), 48)
+    torch.testing.assert_close(fresh, companion.prompt_embedding)
+    embeds = companion._cat_prompt_embedding_to_input(ids)
+    reference = stock(encoder, embeds, companion._extend_attention_mask(mask))
+    torch.testing.assert_close(ours, reference)  # every state: the head reads the prompt's first
+    # rejected: the fresh prompt appended instead ([X; P])
+    appended = torch.cat([embeds[:, 48:], embeds[:, :48]], dim=1)
+    wrong = stock(encoder, appended, torch.cat([mask, torch.ones(ids.shape[0], 48).long()], 1))
+    assert not torch.allclose(ours[:, 48:], wrong[:, : ids.shape[1]], atol=1e-3)
+    # rejected: the domain's DAP-trained prompt prepended in its place
+    dap = method.modules.parameters(ctx.domains[0])[0].detach()
+    wrong = stock(encoder, torch.cat([dap.expand(ids.shape[0], -1, -1), embeds[:, 48:]], 1),
+                  companion._extend_attention_mask(mask))
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+def test_prompt_finetune_companion_refuses_the_probe(ctx):
+    ctx.config = dataclasses.replace(ctx.config, eval="probe")
+    with pytest.raises(ValueError, match="prompt_finetune: companion"):
+        build_method("prompt-one", {"prompt_finetune": "companion"}).setup(ctx)
 
 
 def test_prompt_length_is_the_companion_100_where_max_length_leaves_room(ctx):
