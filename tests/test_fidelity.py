@@ -435,3 +435,132 @@ def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
     head = model.classifier  # RobertaClassificationHead: dense + tanh + out_proj on <s>
     expected = head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+# -- 6. HAT (Serrà et al. 2018; code joansj/hat 6fd0b9d) --------------------------------------
+def hat_view(gfc_post, gfc_pre, weight):
+    """src/networks/mlp_hat.py l.84-87 (`fc2.weight`), literally."""
+    post = gfc_post.data.view(-1, 1).expand_as(weight)
+    pre = gfc_pre.data.view(1, -1).expand_as(weight)
+    return torch.min(post, pre)
+
+
+def hat_mask_back(model, a, head_dim: int, combine=torch.min) -> dict[str, torch.Tensor]:
+    """mask_back = 1 − view per parameter (src/approaches/hat.py l.98-102), the views of
+    mlp_hat.py l.80-95 on each layer: a gated output and an ungated input as `fc1` (l.80-83),
+    a gated output and a gated input as `fc2` (l.84-89), an ungated output (the attention-output
+    dense, whose output joins the ungated residual stream) by the input's gate alone."""
+    back = {}
+    for index, layer in enumerate(encoder_of(model).encoder.layer):
+        prefix = f"bert.encoder.layer.{index}."
+        head = a["head"][index].repeat_interleave(head_dim)
+        inter, out = a["intermediate"][index], a["output"][index]
+        for name in ("query", "key", "value"):
+            weight = getattr(layer.attention.self, name).weight
+            back[f"{prefix}attention.self.{name}.weight"] = 1 - head.view(-1, 1).expand_as(weight)
+            back[f"{prefix}attention.self.{name}.bias"] = 1 - head.view(-1)
+        weight = layer.attention.output.dense.weight
+        back[f"{prefix}attention.output.dense.weight"] = 1 - head.view(1, -1).expand_as(weight)
+        weight = layer.intermediate.dense.weight
+        back[f"{prefix}intermediate.dense.weight"] = 1 - inter.view(-1, 1).expand_as(weight)
+        back[f"{prefix}intermediate.dense.bias"] = 1 - inter.view(-1)
+        weight = layer.output.dense.weight
+        view = hat_view(out, inter, weight) if combine is torch.min else combine(
+            out.view(-1, 1).expand_as(weight), inter.view(1, -1).expand_as(weight))
+        back[f"{prefix}output.dense.weight"] = 1 - view
+        back[f"{prefix}output.dense.bias"] = 1 - out.view(-1)
+    return back
+
+
+def hat_with_gradients(ctx, args: dict | None = None):
+    """HAT on domain 1 with a^{<1} drawn in (0, 1) and a random gradient on every parameter;
+    returns the method and the gradients before `after_backward`."""
+    hat = build_method("hat", args or {})
+    hat.setup(ctx)
+    ctx.t, ctx.step, ctx.total_steps = 1, 2, 10
+    hat.batches_per_epoch = 5
+    hat.before_domain(ctx, 1)
+    generator = torch.Generator().manual_seed(0)
+    hat.masks[0] = {k: torch.rand(s, generator=generator) for k, s in hat.gates.shapes.items()}
+    if hat.args.form == "binary":  # what its `after_domain` stores
+        hat.masks[0] = {k: (v > 0.5).float() for k, v in hat.masks[0].items()}
+    for p in hat.parameters(ctx):
+        p.grad = torch.randn(p.shape, generator=generator)
+    grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters()}
+    grads.update({f"e.{k}": e.grad.clone() for k, e in hat.embeddings[1].items()})
+    hat.after_backward(ctx)
+    return hat, grads
+
+
+def test_hat_scales_gradients_by_one_minus_min_of_the_cumulative_attention(ctx):
+    hat, grads = hat_with_gradients(ctx)
+    a = hat.masks[0]
+    back = hat_mask_back(ctx.model, a, head_dim=8)
+    for n, p in ctx.model.named_parameters():  # hat.py l.133-135: p.grad *= mask_back[n]
+        expected = grads[n] * back[n] if n in back else grads[n]
+        torch.testing.assert_close(p.grad, expected, msg=n)
+    # hat.py l.138-142: the embedding gradients compensated for the annealing
+    s, smax = hat.slope(ctx), 400.0
+    for kind, p in hat.embeddings[1].items():
+        num = torch.cosh(torch.clamp(s * p.data, -50, 50)) + 1
+        den = torch.cosh(p.data) + 1
+        torch.testing.assert_close(p.grad, grads[f"e.{kind}"] * smax / s * num / den)
+    # rejected: max instead of min for the FFN output dense (input and output both gated)
+    wrong = hat_mask_back(ctx.model, a, head_dim=8, combine=torch.max)
+    name = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.allclose(dict(ctx.model.named_parameters())[name].grad,
+                              grads[name] * wrong[name])
+
+
+def test_hat_binary_form_blocks_rows_and_is_not_the_paper(ctx):
+    hat, grads = hat_with_gradients(ctx, {"form": "binary"})
+    back = hat_mask_back(ctx.model, hat.masks[0], head_dim=8)
+    params = dict(ctx.model.named_parameters())
+    name = "bert.encoder.layer.1.output.dense.weight"
+    assert not torch.allclose(params[name].grad, grads[name] * back[name])
+    used = hat.masks[0]["output"][1]  # binarised, the output rows only
+    assert set(used.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(params[name].grad, grads[name] * (1 - used).view(-1, 1))
+
+
+@pytest.mark.parametrize("form", ["paper", "binary"])
+def test_hat_domain_attention_is_sigmoid_at_s_max_and_accumulates_by_max(ctx, form):
+    hat = build_method("hat", {"form": form})
+    hat.setup(ctx)
+    for t in range(2):
+        hat.before_domain(ctx, t)
+        hat.after_domain(ctx, t)
+    a = [{k: torch.sigmoid(400 * e.detach()) for k, e in hat.embeddings[t].items()}
+         for t in range(2)]  # hat.py l.88 (mask(t, s=smax)), l.91-95 (max)
+    if form == "binary":
+        a = [{k: (v > 0.5).float() for k, v in m.items()} for m in a]
+    for kind in a[0]:
+        torch.testing.assert_close(hat.masks[1][kind], a[1][kind])
+        torch.testing.assert_close(hat.cumulative(2)[kind],
+                                   torch.maximum(a[0][kind], a[1][kind]))
+    binary = any(((v > 0) & (v < 1)).any() for v in hat.masks[0].values())
+    assert binary == (form == "paper")  # the paper's attention is not binarised
+
+
+@pytest.mark.parametrize("anneal", ["paper", "code", "domain"])
+def test_hat_slope_is_annealed_per_batch_as_the_paper_says(ctx, anneal):
+    ctx.config = dataclasses.replace(ctx.config, dap_batch_size=4)
+    hat = build_method("hat", {"anneal": anneal})
+    hat.setup(ctx)
+    batches = len(ctx.corpus(0)) // 4  # B: batches of one epoch (the stream drops a partial one)
+    hat.dap_plan(ctx, 0)
+    assert hat.batches_per_epoch == batches and batches >= 4
+    smax, steps = 400.0, 2 * batches + 3
+    ctx.total_steps = steps
+    for step in (0, 1, batches - 2, batches - 1, batches, batches + 1, steps - 1):
+        ctx.step = step
+        b = step % batches + 1
+        paper = 1 / smax + (smax - 1 / smax) * (b - 1) / (batches - 1)  # §2.4
+        # ContinualLM approaches/compute_loss.py l.18 (step counts batches within an epoch)
+        code = (smax - 1 / smax) * (step % batches) / batches + 1 / smax
+        domain = 1 / smax + (smax - 1 / smax) * step / (steps - 1)
+        expected = {"paper": paper, "code": code, "domain": domain}[anneal]
+        assert hat.slope(ctx) == pytest.approx(expected, rel=1e-12)
+    ctx.step = batches - 1  # the last batch of the first epoch
+    assert hat.slope(ctx) == pytest.approx(smax) if anneal == "paper" else \
+        hat.slope(ctx) < smax - 1  # rejected: the code's /B never reaches s_max
