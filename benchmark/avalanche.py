@@ -99,7 +99,7 @@ def as_benchmark(suite: str, profile: str = "default", order: int = 0,
         data = dap_sequences(loaded.domains[name].corpus, tokenizer, config.max_length,
                              config.group_texts)
         corpus = MaskedCorpus(list(data["input_ids"]), tokenizer, config.mlm_probability,
-                              config.max_length, domain_seed(config.seed, 1, t))
+                              config.max_length, domain_seed(config.for_dap().seed, 1, t))
         experiences.append(avalanche_dataset_of(corpus))
     bench = benchmark_from_datasets(train=experiences)
     bench.suite, bench.domains, bench.tokenizer, bench.config = loaded, names, tokenizer, config

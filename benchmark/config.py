@@ -72,6 +72,14 @@ class RunConfig:
     profile: str = knob("default", "suite profile: tiny | default | ...", flag=True)
     order: int = knob(0, "domain order index (0..4)", non_negative, flag=True)
     seed: int = knob(2021, "one seed", non_negative, flag=True)
+    # the companion code DAP-trains once (ContinualLM config.py l.114: --seed default 111;
+    # scripts/posttrain_das.sh passes none) and varies the seed in fine-tuning only
+    # (scripts/finetune_das.sh: --seed ${seed[$round]}); the default re-runs DAP per seed
+    dap_seed: int | None = knob(
+        None, "a fixed seed for DAP-training and the method's DAP-time draws (importance, "
+        "replay, module init), shared by every seed, which then varies fine-tuning only (the "
+        "companion's protocol: 111); unset: DAP with the run's own seed", non_negative,
+        flag=True)
     base_model: str = knob("", "a hub id or local folder overriding the suite's base model",
                            flag=True)
     # DAP-training
@@ -125,6 +133,10 @@ class RunConfig:
     @property
     def row(self) -> str:
         return self.label or self.method
+
+    def for_dap(self) -> RunConfig:
+        """The config DAP-time code sees: `seed` is `dap_seed` where that is set."""
+        return self if self.dap_seed is None else dataclasses.replace(self, seed=self.dap_seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

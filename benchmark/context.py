@@ -1,5 +1,9 @@
 """What the loop hands every method hook: config, model, data of the run, the accelerator, and
 the services methods share (MLM evaluation, per-phase seeds). Implements `methods.base.Context`.
+
+`config.seed` is the seed of everything DAP-time (the DAP stream, the hooks' draws: importance,
+replay, Fisher, module init): the run's seed, or its `dap_seed` where set (`RunConfig.for_dap`);
+end-task fine-tuning draws from `run_seed`, the run's own seed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Context:
     step: int = 0  # DAP step within the domain
     total_steps: int = 0  # DAP steps planned for the domain
     _base: nn.Module | None = None
+    run_seed: int | None = None  # the run's seed where `config` is `for_dap()` (fine-tuning)
     _corpora: dict[Any, Dataset] = field(default_factory=dict)
 
     @property
@@ -109,4 +114,7 @@ class Context:
         from benchmark.training import domain_seed
 
         stream = PHASES.get(phase, 16 + zlib.crc32(phase.encode()) % 1_000_000)
-        return domain_seed(self.config.seed, stream, t, *(() if i is None else (i,)))
+        seed = self.config.seed
+        if phase == "finetune" and self.run_seed is not None:
+            seed = self.run_seed
+        return domain_seed(seed, stream, t, *(() if i is None else (i,)))
