@@ -125,8 +125,9 @@ class CdapEvaluator(SupervisedPlugin):
         self.run_dir = run_dir_for(Path(out), self.config)
         self.tasks = [bench.suite.domains[n].task for n in bench.domains]
         tok = bench.tokenizer
-        self.splits = [(tokenize_task(task.train, tok, cfg.max_length),
-                        tokenize_task(task.test, tok, cfg.max_length)) for task in self.tasks]
+        self.splits = [(tokenize_task(task.train, tok, cfg.max_length, cfg.pair_input),
+                        tokenize_task(task.test, tok, cfg.max_length, cfg.pair_input))
+                       for task in self.tasks]
         self.progress: dict | None = None
         self.started = self.dap_started = 0.0
         self.losses: list[float] = []

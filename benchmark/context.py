@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from benchmark.atomic import atomic_path, write_json_atomic
 from benchmark.config import RunConfig
-from benchmark.data import dap_sequences, endless, mlm_loader
+from benchmark.data import dap_sequences, endless, mlm_loader, skip_start
 
 # the loop's phases and their seed streams (the numbers every committed result was made with)
 PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
@@ -77,7 +77,8 @@ class Context:
     def corpus(self, t: int) -> Dataset:
         """Domain t's corpus as DAP sequences (column `input_ids`; grouped if `group_texts`)."""
         if t not in self._corpora:
-            raw = self.suite.domains[self.domains[t]].corpus
+            raw = skip_start(self.suite.domains[self.domains[t]].corpus,
+                             self.config.corpus_skip)
             self._corpora[t] = dap_sequences(raw, self.tokenizer, self.config.max_length,
                                              self.config.group_texts)
         return self._corpora[t]

@@ -192,8 +192,9 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir)
     method.setup(ctx)
     tasks = [suite.domains[n].task for n in names]
-    splits = [(tokenize_task(task.train, tokenizer, cfg.max_length),
-               tokenize_task(task.test, tokenizer, cfg.max_length)) for task in tasks]
+    splits = [(tokenize_task(task.train, tokenizer, cfg.max_length, cfg.pair_input),
+               tokenize_task(task.test, tokenizer, cfg.max_length, cfg.pair_input))
+              for task in tasks]
     general = ctx.general_corpus()
     if general is not None:
         record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
