@@ -204,6 +204,11 @@ class SoftPrompts(nn.Module):
     enter as word embeddings, as in ContinualLM `networks/prompt/tuning.py` l.26 and peft;
     DGA's `cat_learned_embedding_to_input` (l.55) runs them through the whole embedding layer
     before the model embeds them again (positions and LayerNorm twice), which is not kept.
+
+    With `prepend` set (only on the end-task copies of `prompt_finetune: companion`) the
+    active prompt goes in front instead, the mask extended with ones in front, no padding, and
+    every state is returned, prompt first: ContinualLM's fine-tuning prompt (`networks/prompt/
+    tuning.py` l.25-40, l.54-63), whose classification head reads the first prompt token.
     """
 
     def __init__(self, encoder: nn.Module, names: list[str], length: int, width: int,
