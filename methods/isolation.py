@@ -401,9 +401,8 @@ class IsolationMethod(Method):
         if getattr(self.args, "prompt_finetune", "dap") == "companion":
             encoder = self.modules.companion_encoder()
             fresh = encoder.soft_prompts.prompts[FINETUNE]
-            for p in encoder.parameters():
-                p.requires_grad_(self.args.ft_train_lm and p is not fresh
-                                 and not _is_prompt(encoder, p))
+            for p in encoder.parameters():  # the LM as `ft_train_lm` says, the DAP prompts not
+                p.requires_grad_(self.args.ft_train_lm and not _is_prompt(encoder, p))
             fresh.requires_grad_(True)
             return encoder
         name = self.module_name(i)
