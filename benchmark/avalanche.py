@@ -99,7 +99,7 @@ def as_benchmark(suite: str, profile: str = "default", order: int = 0,
         data = dap_sequences(loaded.domains[name].corpus, tokenizer, config.max_length,
                              config.group_texts)
         corpus = MaskedCorpus(list(data["input_ids"]), tokenizer, config.mlm_probability,
-                              config.max_length, domain_seed(config.seed, 1, t))
+                              config.max_length, domain_seed(config.for_dap().seed, 1, t))
         experiences.append(avalanche_dataset_of(corpus))
     bench = benchmark_from_datasets(train=experiences)
     bench.suite, bench.domains, bench.tokenizer, bench.config = loaded, names, tokenizer, config
@@ -125,8 +125,9 @@ class CdapEvaluator(SupervisedPlugin):
         self.run_dir = run_dir_for(Path(out), self.config)
         self.tasks = [bench.suite.domains[n].task for n in bench.domains]
         tok = bench.tokenizer
-        self.splits = [(tokenize_task(task.train, tok, cfg.max_length),
-                        tokenize_task(task.test, tok, cfg.max_length)) for task in self.tasks]
+        self.splits = [(tokenize_task(task.train, tok, cfg.max_length, cfg.pair_input),
+                        tokenize_task(task.test, tok, cfg.max_length, cfg.pair_input))
+                       for task in self.tasks]
         self.progress: dict | None = None
         self.started = self.dap_started = 0.0
         self.losses: list[float] = []

@@ -55,6 +55,10 @@ def probability(value: float) -> str | None:
     return None if 0 < value < 1 else "must be a probability strictly between 0 and 1"
 
 
+def below_one(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be a share in [0, 1)"
+
+
 def knob(default: Any, help: str = "", check: Callable[[Any], str | None] | None = None,
          flag: bool = False) -> Any:
     """A config field: its default, help text, optional check, and whether `run` gets a flag."""
@@ -72,6 +76,14 @@ class RunConfig:
     profile: str = knob("default", "suite profile: tiny | default | ...", flag=True)
     order: int = knob(0, "domain order index (0..4)", non_negative, flag=True)
     seed: int = knob(2021, "one seed", non_negative, flag=True)
+    # the companion code DAP-trains once (ContinualLM config.py l.114: --seed default 111;
+    # scripts/posttrain_das.sh passes none) and varies the seed in fine-tuning only
+    # (scripts/finetune_das.sh: --seed ${seed[$round]}); the default re-runs DAP per seed
+    dap_seed: int | None = knob(
+        None, "a fixed seed for DAP-training and the method's DAP-time draws (importance, "
+        "replay, module init), shared by every seed, which then varies fine-tuning only (the "
+        "companion's protocol: 111); unset: DAP with the run's own seed", non_negative,
+        flag=True)
     base_model: str = knob("", "a hub id or local folder overriding the suite's base model",
                            flag=True)
     # DAP-training
@@ -89,6 +101,13 @@ class RunConfig:
                             fraction)
     dap_weight_decay: float = knob(0.0, "DAP weight decay", non_negative)
     mlm_probability: float = knob(0.15, "share of tokens masked", probability)
+    corpus_skip: float = knob(
+        0.0, "share of each domain corpus left out at its start (the companion keeps "
+        "train[5%:] of every corpus as its validation split, ContinualLM dataloader/data.py "
+        "l.41-47 with --validation_split_percentage 5: 0.05)", below_one)
+    adam_eps: float = knob(
+        1e-8, "AdamW epsilon of DAP-training and fine-tuning (torch's default; the companion's "
+        "transformers.AdamW, v4.33 optimization.py, defaults to 1e-6)", positive)
     max_length: int = knob(128, "tokens per sequence", positive)
     group_texts: bool = knob(
         False, "DAP sequences: the corpus concatenated and cut into chunks of max_length tokens "
@@ -115,6 +134,14 @@ class RunConfig:
     ft_lr: float = knob(5e-4, "end-task learning rate", positive, flag=True)
     ft_batch_size: int = knob(16, "end-task batch size", positive)
     ft_weight_decay: float = knob(0.01, "end-task weight decay", non_negative)
+    ft_decay_params: Literal["weights", "all"] = knob(
+        "weights", "end-task parameters weight decay applies to: weights (biases and "
+        "LayerNorm weights left out) or all (the companion's AdamW over every trainable "
+        "parameter, ContinualLM approaches/finetune.py l.44-45)")
+    pair_input: Literal["pair", "companion"] = knob(
+        "pair", "two-text end-task inputs (aspect, sentence): the tokenizer's text pair, or "
+        "companion: one text `aspect + ' ' + sep_token + sentence` (ContinualLM "
+        "dataloader/data.py l.180-181)")
     # the companion code fine-tunes with no warm-up and a linear decay (ContinualLM config.py
     # l.288–296, parseing_finetune: --num_warmup_steps 0, --lr_scheduler_type linear; used by
     # approaches/finetune.py l.53–58); a short fine-tuning
@@ -140,6 +167,10 @@ class RunConfig:
     @property
     def row(self) -> str:
         return self.label or self.method
+
+    def for_dap(self) -> RunConfig:
+        """The config DAP-time code sees: `seed` is `dap_seed` where that is set."""
+        return self if self.dap_seed is None else dataclasses.replace(self, seed=self.dap_seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

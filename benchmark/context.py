@@ -1,5 +1,9 @@
 """What the loop hands every method hook: config, model, data of the run, the accelerator, and
 the services methods share (MLM evaluation, per-phase seeds). Implements `methods.base.Context`.
+
+`config.seed` is the seed of everything DAP-time (the DAP stream, the hooks' draws: importance,
+replay, Fisher, module init): the run's seed, or its `dap_seed` where set (`RunConfig.for_dap`);
+end-task fine-tuning draws from `run_seed`, the run's own seed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 
 from benchmark.atomic import atomic_path, write_json_atomic
 from benchmark.config import RunConfig
-from benchmark.data import dap_sequences, endless, mlm_loader
+from benchmark.data import dap_sequences, endless, mlm_loader, skip_start
 
 # the loop's phases and their seed streams (the numbers every committed result was made with)
 PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
@@ -37,6 +41,7 @@ class Context:
     step: int = 0  # DAP step within the domain
     total_steps: int = 0  # DAP steps planned for the domain
     _base: nn.Module | None = None
+    run_seed: int | None = None  # the run's seed where `config` is `for_dap()` (fine-tuning)
     _corpora: dict[Any, Dataset] = field(default_factory=dict)
 
     @property
@@ -72,7 +77,8 @@ class Context:
     def corpus(self, t: int) -> Dataset:
         """Domain t's corpus as DAP sequences (column `input_ids`; grouped if `group_texts`)."""
         if t not in self._corpora:
-            raw = self.suite.domains[self.domains[t]].corpus
+            raw = skip_start(self.suite.domains[self.domains[t]].corpus,
+                             self.config.corpus_skip)
             self._corpora[t] = dap_sequences(raw, self.tokenizer, self.config.max_length,
                                              self.config.group_texts)
         return self._corpora[t]
@@ -130,4 +136,7 @@ class Context:
         from benchmark.training import domain_seed
 
         stream = PHASES.get(phase, 16 + zlib.crc32(phase.encode()) % 1_000_000)
-        return domain_seed(self.config.seed, stream, t, *(() if i is None else (i,)))
+        seed = self.config.seed
+        if phase == "finetune" and self.run_seed is not None:
+            seed = self.run_seed
+        return domain_seed(seed, stream, t, *(() if i is None else (i,)))

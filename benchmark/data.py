@@ -64,18 +64,35 @@ def dap_sequences(corpus: Dataset, tokenizer, max_length: int, grouped: bool) ->
     return tokenize_corpus(corpus, tokenizer, max_length)
 
 
-def tokenize_task(split: Dataset, tokenizer, max_length: int) -> Dataset:
-    """Tokenise an end-task split (`text`, optional `text_pair`, `label`)."""
+def tokenize_task(split: Dataset, tokenizer, max_length: int, pair_input: str = "pair") -> Dataset:
+    """Tokenise an end-task split (`text`, optional `text_pair`, `label`).
+
+    A pair is the tokenizer's text pair (`pair_input: pair`; RoBERTa: `<s> a </s></s> b </s>`),
+    or one text `a + ' ' + sep_token + b` (`companion`: ContinualLM dataloader/data.py
+    l.180-181; RoBERTa: `<s> a </s>b </s>`, b's first word without its leading space)."""
     _require_rows(split, "an end-task split")
 
     def encode(batch):
-        pair = batch.get("text_pair")
-        enc = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+        text, pair = batch["text"], batch.get("text_pair")
+        if pair is not None and pair_input == "companion":
+            text = [a + " " + tokenizer.sep_token + b for a, b in zip(text, pair, strict=True)]
+            pair = None
+        enc = tokenizer(text, pair, truncation=True, max_length=max_length)
         return {"input_ids": enc["input_ids"], "label": batch["label"]}
 
     drop = [c for c in split.column_names if c not in ("label",)]
     return split.map(encode, batched=True, remove_columns=drop, desc="tokenising task",
                      load_from_cache_file=True)
+
+
+def skip_start(corpus: Dataset, share: float) -> Dataset:
+    """`corpus` without its first `share` of rows, as `datasets` slices `train[P%:]` (P = 100 ·
+    share; the start rounded to the closest row, ties to even, `datasets` ReadInstruction's
+    default "closest" rounding)."""
+    if share <= 0:
+        return corpus
+    start = int(round(float(share * 100) * len(corpus) / 100.0))
+    return corpus.select(range(start, len(corpus)))
 
 
 def pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

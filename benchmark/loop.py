@@ -235,12 +235,12 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
             model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
             cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
             group_texts=cfg.group_texts)
-    ctx = Context(config=cfg, suite=suite, domains=names, model=model, tokenizer=tokenizer,
-                  accelerator=accelerator, run_dir=run_dir, _base=copy.deepcopy(model))
+    ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir)
     method.setup(ctx)
     tasks = [suite.domains[n].task for n in names]
-    splits = [(tokenize_task(task.train, tokenizer, cfg.max_length),
-               tokenize_task(task.test, tokenizer, cfg.max_length)) for task in tasks]
+    splits = [(tokenize_task(task.train, tokenizer, cfg.max_length, cfg.pair_input),
+               tokenize_task(task.test, tokenizer, cfg.max_length, cfg.pair_input))
+              for task in tasks]
     general = ctx.general_corpus()
     if general is not None:
         record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
@@ -268,6 +268,15 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     record.timings["total_s"] = round(time.perf_counter() - started, 3)
     record.finished = True
     return record
+
+
+def context_for(cfg: RunConfig, suite, names: list[str], model, tokenizer,
+                accelerator: Accelerator, run_dir: Path) -> Context:
+    """The hooks' context: the DAP-time config (`seed` = `dap_seed` where set), and the run's
+    own seed for fine-tuning (`Context.run_seed`)."""
+    return Context(config=cfg.for_dap(), suite=suite, domains=names, model=model,
+                   tokenizer=tokenizer, accelerator=accelerator, run_dir=run_dir,
+                   _base=copy.deepcopy(model), run_seed=cfg.seed)
 
 
 def resume_from(stored: tuple[Path, dict, RunRecord], ctx: Context, method: Method,

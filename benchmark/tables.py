@@ -133,9 +133,37 @@ def _warn_mixed_protocols(key: tuple, by_row: dict[str, list[dict]]) -> None:
 
 def _protocol_caption(by_row: dict[str, list[dict]]) -> str:
     used = sorted({protocol_of(r) for runs in by_row.values() for r in runs})
+    dap = DAP_ONCE_NOTE if any(_dap_seed_mark(runs) for runs in by_row.values()) else ""
     if len(used) == 1:
-        return f"by {PROTOCOLS.get(used[0], used[0])}"
-    return "MIXED protocols (" + ", ".join(PROTOCOLS.get(p, p) for p in used) + "), do not compare"
+        return f"by {PROTOCOLS.get(used[0], used[0])}" + dap
+    return ("MIXED protocols (" + ", ".join(PROTOCOLS.get(p, p) for p in used)
+            + "), do not compare" + dap)
+
+
+# The seed protocol: by default every seed re-runs DAP with its own seed; a run with `dap_seed`
+# DAP-trained with that seed (the companion's protocol: DAP once, seeds vary fine-tuning only).
+# Runs without the field (all made before it existed) re-ran DAP per seed, and print as before.
+DAP_ONCE = "◦"
+DAP_ONCE_NOTE = (f" ({DAP_ONCE}S: DAP-trained once with dap_seed S shared by the row's seeds, "
+                 "which vary fine-tuning only; other rows DAP-train per seed)")
+
+
+def dap_seed_of(res: dict) -> int | None:
+    """The fixed DAP seed a run used (`dap_seed`), or None: DAP with the run's own seed."""
+    return (res.get("config") or {}).get("dap_seed")
+
+
+def _dap_seed_mark(runs: list[dict]) -> str:
+    """The row-label mark of the seed protocol: "" (DAP per seed), " ◦S", or " ◦mixed"."""
+    seeds = {dap_seed_of(r) for r in runs}
+    if seeds == {None}:
+        return ""
+    return f" {DAP_ONCE}{seeds.pop()}" if len(seeds) == 1 else f" {DAP_ONCE}mixed"
+
+
+def _row_label(row: str, runs: list[dict]) -> str:
+    """A row's label: † where it needs the domain ID, the seed-protocol mark where it has one."""
+    return row + (" †" if runs[0]["needs_domain_id"] else "") + _dap_seed_mark(runs)
 
 
 def _collapsed_last(res: dict) -> list[bool]:
@@ -166,8 +194,7 @@ def build_tables(
                 last = np.asarray([final_row(r[metric]) for r in runs])
                 collapsed = np.asarray([_collapsed_last(r) for r in runs])
                 mean_matrix = average_matrices([r[metric] for r in runs])
-                label = row + (" †" if runs[0]["needs_domain_id"] else "")
-                record = {"method": label, "seeds": len(runs)}
+                record = {"method": _row_label(row, runs), "seeds": len(runs)}
                 for i, domain in enumerate(domains):
                     mark = COLLAPSED if collapsed[:, i].any() else ""
                     marked = marked or bool(mark)
@@ -276,7 +303,7 @@ def build_diagonal_tables(
         for row in wanted:
             runs = sorted(by_row[row], key=lambda r: r["seed"])
             mine = _diagonal_and_average(runs, metric)
-            record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
+            record = {"method": _row_label(row, runs),
                       "seeds": f"{len(runs)} ({','.join(str(seed) for seed in mine)})"}
             diagonals = np.asarray([diagonal(r[metric]) for r in runs])
             for t, domain in enumerate(domains):
@@ -393,7 +420,7 @@ def build_pooled_tables(
             for row in wanted:
                 runs = sorted(by_row[row], key=lambda r: (r["order"], r["seed"]))
                 last = [dict(zip(r["domains"], final_row(r[metric]), strict=True)) for r in runs]
-                record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
+                record = {"method": _row_label(row, runs),
                           "orders": ",".join(str(o) for o in sorted({r["order"] for r in runs})),
                           "runs": len(runs)}
                 for domain in domains:

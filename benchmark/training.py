@@ -49,7 +49,8 @@ def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     set_seed(seed)
     ctx.model.train()
     params = method.parameters(ctx)
-    optimizer = torch.optim.AdamW(params, lr=cfg.dap_lr, weight_decay=cfg.dap_weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.dap_lr, weight_decay=cfg.dap_weight_decay,
+                                  eps=cfg.adam_eps)
     schedule = dap_schedule(optimizer, cfg, plan.steps, t, len(ctx.domains))
     acc: Accelerator = ctx.accelerator
     # the model is not wrapped in DDP: methods run the body and the head directly, several
@@ -270,14 +271,18 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     collate = task_collate(ctx.tokenizer.pad_token_id)
     loader = DataLoader(train.with_format(None), batch_size=cfg.ft_batch_size, shuffle=True,
                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    # `ft_decay_params: weights` leaves biases and LayerNorm weights undecayed; `all` decays
+    # every trainable parameter, as the companion (approaches/finetune.py l.44-45)
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight") \
+        if cfg.ft_decay_params == "weights" else ()
     groups = [
         {"params": [p for n, p in model.named_parameters() if p.requires_grad
-                    and not n.endswith(no_decay)], "weight_decay": cfg.ft_weight_decay},
+                    and not (no_decay and n.endswith(no_decay))],
+         "weight_decay": cfg.ft_weight_decay},
         {"params": [p for n, p in model.named_parameters() if p.requires_grad
-                    and n.endswith(no_decay)], "weight_decay": 0.0},
+                    and no_decay and n.endswith(no_decay)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr, eps=cfg.adam_eps)
     total = epochs * len(loader)
     schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.ft_warmup * total), total)
     acc: Accelerator = ctx.accelerator

@@ -1,17 +1,36 @@
-"""HAT (Serrà et al., 2018): hard attention to the task on the transformer's units.
+"""HAT (Serrà et al., 2018, "Overcoming catastrophic forgetting with hard attention to the
+task"): hard attention to the task on the transformer's units.
 
 Domain t owns a task embedding e_t per unit (heads, FFN intermediate and output neurons, the
-units of `methods.gates`). While training domain t every unit is gated by σ(s · e_t), the slope
-s annealed linearly over the domain's steps from 1/s_max to s_max. After the domain its binary
-mask is m_t = [σ(s_max · e_t) > 0.5] and the cumulative mask m_≤t = max(m_1, …, m_t).
-While training domain t:
-- the gradients of every unit in m_≤t−1 are zeroed (`softmask_gradients` with m_≤t−1 as the
-  importance), so units used by earlier domains keep their weights;
-- L = L_mlm + c · Σ σ(s·e_t) (1 − m_≤t−1) / Σ (1 − m_≤t−1), the sparsity regulariser;
-- e_t's gradient is compensated for the annealing, × s_max/s · (cosh(clamp(s·e)) + 1) /
-  (cosh(e) + 1), and e_t is clamped to ±thres_emb after every optimiser step.
-End task i is fine-tuned on the encoder gated by m_i (the domain ID picks the mask).
-Embeddings, LayerNorms and the attention-output bias are shared and not masked (as in DAS).
+units of `methods.gates`). While training domain t every unit is gated by a_t = σ(s · e_t)
+(§2.2). The default `form: paper` is HAT as the paper defines it (and its code, joansj/hat
+6fd0b9d `src/approaches/hat.py`):
+- after the domain, a_t = σ(s_max · e_t), not binarised (§2.2: s = s_max at test time; code
+  l.88), and the cumulative attention a^{≤t} = max(a^{≤t−1}, a_t) (§2.3 eq. 3, code l.91-95);
+- while training domain t the gradient of weight w_ij (output unit i, input unit j) is scaled
+  by 1 − min(a_i^{<t}, a_j^{<t}) and a bias by 1 − a_i^{<t} (§2.3 eq. 2; code l.99-102, l.131-
+  135 with `get_view_for`, `src/networks/mlp_hat.py` l.73-96). A side without a gate constrains
+  nothing, as the code's first layer (l.80-83, the input is not gated): Q, K, V rows of head h
+  and the intermediate dense rows take 1 − a of their own unit (their input is the ungated
+  residual stream), the FFN output dense takes 1 − min(a_out, a_intermediate), the attention-
+  output dense columns 1 − a_head (its output joins the ungated residual stream);
+- the slope is annealed per batch, s = 1/s_max + (s_max − 1/s_max)(b − 1)/(B − 1), b = 1…B the
+  batch index within an epoch of the domain's DAP stream (§2.4; `anneal: paper`). The code
+  (l.120) and the companion code (ContinualLM 57e498c `approaches/compute_loss.py` l.18,
+  s = (s_max − 1/s_max)·step/len(train_loader) + 1/s_max) divide by B, so s stops one step
+  short of s_max: `anneal: code`. `anneal: domain` anneals once over the domain's steps;
+- e_t's gradient is compensated, × s_max/s · (cosh(clamp(s·e, ±thres_cosh)) + 1) /
+  (cosh(e) + 1) (§2.5; code l.137-142), and e_t is clamped to ±thres_emb after every step (code
+  l.148-151);
+- L = L_mlm + c · Σ a_t (1 − a^{<t}) / Σ (1 − a^{<t}) (§2.6; code l.196-209; the companion
+  `networks/baselines/hat.py` l.54-75 alike).
+`form: binary` is this package's earlier form (how its committed `hat` rows were made, with
+`anneal: domain`; preset `zoo-hat-binary`): m_t = [σ(s_max · e_t) > 0.5], m_≤t = max, and every
+parameter row of a unit in m_<t has its gradient zeroed (`gates.softmask_gradients`).
+End task i is fine-tuned on the encoder gated by a_i (m_i in the binary form). Embeddings,
+LayerNorms and the attention-output bias are shared and not masked (as in DAS). The companion's
+own HAT (`utils/roberta.py` l.255-291 `get_view_for`) gates adapters, not the transformer's
+units; its view has the same post/pre min form.
 """
 
 from __future__ import annotations
@@ -20,11 +39,13 @@ import copy
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from methods import Method, register
+from methods.base import DapPlan
 from methods.gates import KINDS, Importance, UnitGates, softmask_gradients
 from methods.modeling import encoder_of, trainable
 
@@ -39,11 +60,17 @@ class Args:
     c: float = 0.75  # weight of the sparsity regulariser (companion code's `lamb`)
     thres_cosh: float = 50.0
     thres_emb: float = 6.0
+    # paper: continuous attention and the 1 − min(a_out, a_in) gradient scaling (§2.3);
+    # binary: binarised masks, gradients of a used unit's rows zeroed (the earlier form)
+    form: Literal["paper", "binary"] = "paper"
+    # paper: (b−1)/(B−1) within each epoch (§2.4); code: (b−1)/B (HAT's and the companion's
+    # code); domain: over the domain's steps (the earlier form)
+    anneal: Literal["paper", "code", "domain"] = "paper"
 
 
 @register("hat")
 class HAT(Method):
-    """Task-conditioned hard-attention gates on units; earlier domains' units are frozen."""
+    """Task-conditioned hard-attention gates on units; earlier domains' units are protected."""
     table_rank = 130
 
     Args = Args
@@ -55,6 +82,7 @@ class HAT(Method):
         self.embeddings: dict[int, dict[str, nn.Parameter]] = {}
         self.masks: dict[int, Importance] = {}
         self.device = None
+        self.batches_per_epoch = 1  # B of §2.4, set by `dap_plan`
 
     def setup(self, ctx) -> None:
         self.gates = UnitGates(ctx.model)
@@ -73,16 +101,34 @@ class HAT(Method):
                 for kind, shape in self.gates.shapes.items()}
         self.gates.values = _AnnealedGates(self, ctx)
 
+    def dap_plan(self, ctx, t: int) -> DapPlan | None:
+        """The default plan; B, the batches of one epoch of its stream (`mlm_loader` drops a
+        last partial batch when it shuffles), for the annealing."""
+        plan = super().dap_plan(ctx, t)
+        if plan is not None:
+            self.batches_per_epoch = max(len(plan.data) // ctx.config.dap_batch_size, 1)
+        return plan
+
     def parameters(self, ctx) -> list[nn.Parameter]:
         return trainable(ctx.model) + list(self.embeddings[ctx.t].values())
 
     def slope(self, ctx) -> float:
-        s_max = self.args.s_max
-        progress = ctx.step / max(ctx.total_steps - 1, 1)
+        """s at the current step (`anneal`, see the module docstring)."""
+        s_max, anneal = self.args.s_max, self.args.anneal
+        if anneal == "domain":
+            progress = ctx.step / max(ctx.total_steps - 1, 1)
+        else:
+            batches = self.batches_per_epoch
+            b = ctx.step % batches  # b − 1 of §2.4
+            if anneal == "paper":
+                progress = b / (batches - 1) if batches > 1 else 1.0
+            else:
+                progress = b / batches
         return 1 / s_max + (s_max - 1 / s_max) * progress
 
     def cumulative(self, before: int) -> Importance | None:
-        """m_≤before−1: the units any domain < `before` uses (None before the first)."""
+        """a^{<before} = max over domains < `before` of their attention (None before the
+        first; binary masks in `form: binary`)."""
         masks = [self.masks[i] for i in range(before) if i in self.masks]
         if not masks:
             return None
@@ -100,7 +146,10 @@ class HAT(Method):
     def after_backward(self, ctx) -> None:
         used = self.cumulative(ctx.t)
         if used is not None:
-            softmask_gradients(self.gates, used)
+            if self.args.form == "paper":
+                attention_gradients(self.gates, used)
+            else:
+                softmask_gradients(self.gates, used)
         s, a = self.slope(ctx), self.args
         for e in self.embeddings[ctx.t].values():
             if e.grad is not None:
@@ -112,11 +161,13 @@ class HAT(Method):
         self.gates.values = None
         for e in self.embeddings[t].values():
             e.clamp_(-self.args.thres_emb, self.args.thres_emb)
-        self.masks[t] = {k: (torch.sigmoid(self.args.s_max * e) > 0.5).float()
+        self.masks[t] = {k: torch.sigmoid(self.args.s_max * e.detach())
                          for k, e in self.embeddings[t].items()}
+        if self.args.form == "binary":
+            self.masks[t] = {k: (a > 0.5).float() for k, a in self.masks[t].items()}
         used = self.cumulative(t + 1)
         share = {k: round(float(used[k].mean()), 3) for k in KINDS}
-        log.info("HAT: share of units used by domains ≤ %d: %s", t, share)
+        log.info("HAT: mean cumulative attention of domains ≤ %d: %s", t, share)
 
     # -- end tasks -----------------------------------------------------------------------
     def model_for_task(self, ctx, i: int) -> nn.Module:
@@ -149,6 +200,37 @@ class HAT(Method):
                 self.embeddings.setdefault(int(t), {})[kind] = nn.Parameter(value)
             else:
                 self.masks.setdefault(int(t), {})[kind] = value
+
+
+@torch.no_grad()
+def attention_gradients(gates: UnitGates, used: Importance) -> None:
+    """Scale each weight's gradient by 1 − min(a_out, a_in) and each bias's by 1 − a_out, with
+    a = `used` = a^{<t} (HAT §2.3 eq. 2, joansj/hat `mlp_hat.py` l.73-96); a side without a gate
+    leaves only the other (see the module docstring). Call after backward."""
+    for index, layer in enumerate(gates.layers):
+        head = used["head"][index].repeat_interleave(gates.head_dim)
+        attention = layer.attention.self
+        for linear in (attention.query, attention.key, attention.value):
+            _scale(linear, post=head)
+        _scale(layer.attention.output.dense, pre=head)
+        _scale(layer.intermediate.dense, post=used["intermediate"][index])
+        _scale(layer.output.dense, post=used["output"][index],
+               pre=used["intermediate"][index])
+
+
+def _scale(linear: nn.Linear, post: Tensor | None = None, pre: Tensor | None = None) -> None:
+    """weight.grad *= 1 − min(post_i, pre_j); bias.grad *= 1 − post_i (left when no post)."""
+    weight = linear.weight
+    views = []
+    if post is not None:
+        views.append(post.to(weight.dtype).view(-1, 1).expand_as(weight))
+    if pre is not None:
+        views.append(pre.to(weight.dtype).view(1, -1).expand_as(weight))
+    view = views[0] if len(views) == 1 else torch.min(*views)
+    if weight.grad is not None:
+        weight.grad.mul_(1 - view)
+    if post is not None and linear.bias is not None and linear.bias.grad is not None:
+        linear.bias.grad.mul_(1 - post.to(linear.bias.grad.dtype))
 
 
 class _AnnealedGates(Mapping):

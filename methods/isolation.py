@@ -5,12 +5,15 @@ ecosystem library and checkpointed in that library's own format, and soft prompt
 the real tokens (`SoftPrompts`, own code: peft can only prepend them, see its docstring). A
 method picks a kind and whether it keeps a module per domain; `IsolationMethod` does the
 freezing, the switching between modules, the end-task encoder and the save/reload. The LM itself
-never changes during DAP-training; whether it is fine-tuned with the module on an end task is
-`ft_train_lm`.
+never changes during DAP-training. On an end task the companion code freezes it too and trains
+the module and the classifier: `train_adapter` (ContinualLM 57e498c `utils/model.py`
+l.410-415, which freezes everything else), or the classifier and the prompt (l.373-380); so
+`ft_train_lm` defaults to false, and `ft_train_lm: true` fine-tunes the LM with the module.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,18 +36,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SHARED = "shared"  # the module name of the `ncl-*` methods: one module for the whole sequence
+FINETUNE = "finetune"  # the prompt of `prompt_finetune: companion` (end-task copies only)
 
 
 @dataclass
 class AdapterArgs:
     """The companion code adds one adapter after each FFN block ("no mh_adapter"), i.e. the
-    Pfeiffer / seq_bn layout, with the library's default width. End task: the LM is fine-tuned
-    with the adapter (the paper's DAP-Adapter description, as we read it); `ft_train_lm: false`
-    trains the adapter and head only (the companion code's `train_adapter` call)."""
+    Pfeiffer / seq_bn layout, with the library's default width. End task: the adapter and the
+    head train, the LM is frozen (the companion's `train_adapter`, ContinualLM `utils/model.py`
+    l.415); `ft_train_lm: true` fine-tunes the LM with the adapter (this package's form before
+    2026-12-08, how its committed adapter rows were made)."""
 
     adapter_config: str = "seq_bn"  # an `adapters` config name: seq_bn (Pfeiffer), double_seq_bn
     reduction_factor: int = 16  # bottleneck width = hidden size / reduction_factor
-    ft_train_lm: bool = True  # end task: fine-tune the LM with the module (else the module only)
+    ft_train_lm: bool = False  # end task: fine-tune the LM with the module (else the module only)
 
 
 @dataclass
@@ -53,7 +58,8 @@ class LoraArgs:
     alpha: int = 16
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    ft_train_lm: bool = True
+    # the companion code has no LoRA row; the LM is frozen at end-task time as for its adapters
+    ft_train_lm: bool = False
 
 
 @dataclass
@@ -64,7 +70,17 @@ class PromptArgs:
     # "uniform": U(−0.5, 0.5) as DGA networks/roberta_model.py l.47–51; "vocab": word embedding
     # rows drawn at random (peft's SAMPLE_VOCAB, the earlier default)
     prompt_init: Literal["uniform", "vocab"] = "uniform"
-    ft_train_lm: bool = True
+    # end task: the classifier and the prompt train, the LM is frozen (ContinualLM
+    # utils/model.py l.373-380); true fine-tunes the LM too
+    ft_train_lm: bool = False
+    # end task: "dap" runs the domain's DAP-trained prompt, appended as at DAP. "companion" is
+    # what the companion's prompt fine-tuning does: a fresh prompt copied from the first
+    # num_virtual_tokens rows of the word embeddings (ContinualLM networks/prompt/tuning.py
+    # l.8-9, called by utils/model.py l.379-380 for every `one` baseline) prepended to the
+    # real tokens (tuning.py l.36-37), so the head reads the first prompt token. Not the
+    # default: it never uses the DAP-trained prompt, so the row then measures prompt tuning on
+    # the frozen θ0 whatever DAP did, not DAP-Prompt.
+    prompt_finetune: Literal["dap", "companion"] = "dap"
 
 
 # -- the three kinds of module -------------------------------------------------------------
@@ -188,6 +204,11 @@ class SoftPrompts(nn.Module):
     enter as word embeddings, as in ContinualLM `networks/prompt/tuning.py` l.26 and peft;
     DGA's `cat_learned_embedding_to_input` (l.55) runs them through the whole embedding layer
     before the model embeds them again (positions and LayerNorm twice), which is not kept.
+
+    With `prepend` set (only on the end-task copies of `prompt_finetune: companion`) the
+    active prompt goes in front instead, the mask extended with ones in front, no padding, and
+    every state is returned, prompt first: ContinualLM's fine-tuning prompt (`networks/prompt/
+    tuning.py` l.25-40, l.54-63), whose classification head reads the first prompt token.
     """
 
     def __init__(self, encoder: nn.Module, names: list[str], length: int, width: int,
@@ -205,6 +226,7 @@ class SoftPrompts(nn.Module):
         self.active = names[0]
         self.width = width
         self.pad_id = encoder.config.pad_token_id or 0
+        self.prepend = False  # the companion's fine-tuning form (`PromptArgs.prompt_finetune`)
         self._length = 0
         encoder.soft_prompts = self  # a submodule: saved, copied and fine-tuned with the encoder
         encoder.register_forward_pre_hook(self._append, with_kwargs=True)
@@ -222,17 +244,25 @@ class SoftPrompts(nn.Module):
                              "tokens before the prompt (max_length)")
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
+        kwargs["input_ids"] = None
+        if self.prepend:  # [P; X], mask extended with ones in front (tuning.py l.36, l.63)
+            words = encoder.get_input_embeddings()(ids)
+            prompt = self.prompts[self.active].to(words.dtype).expand(batch, -1, -1)
+            kwargs["inputs_embeds"] = torch.cat([prompt, words], dim=1)
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, prompt.shape[1]), mask], 1)
+            return args, kwargs
         ids = F.pad(ids, (0, self.width - length), value=self.pad_id)
         mask = F.pad(mask, (0, self.width - length), value=0)
         words = encoder.get_input_embeddings()(ids)
         prompt = self.prompts[self.active].to(words.dtype).expand(batch, -1, -1)
-        kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat([words, prompt], dim=1)
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(batch, prompt.shape[1])], 1)
         self._length = length
         return args, kwargs
 
     def _cut(self, encoder: nn.Module, args: tuple, output):
+        if self.prepend:  # every state, the prompt's first: the companion's head reads it
+            return output
         if isinstance(output, tuple):
             return (output[0][:, : self._length], *output[1:])
         output.last_hidden_state = output.last_hidden_state[:, : self._length]
@@ -281,6 +311,20 @@ class PromptModules(Modules):
     def parameters(self, name: str) -> list[nn.Parameter]:
         return [self.prompts.prompts[name]]
 
+    def companion_encoder(self) -> nn.Module:
+        """A copy of the encoder running the companion's fine-tuning prompt (`prompt_finetune:
+        companion`): a new prompt, the first `length` rows of the word embeddings (ContinualLM
+        `networks/prompt/tuning.py` l.8-9), prepended to the real tokens (l.36-37); the copy's
+        DAP prompts stay in it, unused and frozen."""
+        encoder = copy.deepcopy(self.encoder())
+        prompts = encoder.soft_prompts
+        words = encoder.get_input_embeddings().weight
+        for p in prompts.prompts.values():
+            p.requires_grad_(False)
+        prompts.prompts[FINETUNE] = nn.Parameter(words[: self.length].detach().clone())
+        prompts.active, prompts.prepend = FINETUNE, True
+        return encoder
+
     def save(self, directory: Path, names: list[str]) -> None:
         for name in names:
             save_file({"prompt": self.prompts.prompts[name].detach().cpu().contiguous()},
@@ -295,6 +339,10 @@ class PromptModules(Modules):
 
 KINDS: dict[str, type[Modules]] = {
     "adapter": AdapterModules, "lora": LoraModules, "prompt": PromptModules}
+
+
+def _is_prompt(encoder: nn.Module, p: nn.Parameter) -> bool:
+    return any(p is q for q in encoder.soft_prompts.prompts.values())
 
 
 def count(params: list[nn.Parameter]) -> int:
@@ -317,6 +365,10 @@ class IsolationMethod(Method):
         return self.names[t] if self.per_domain else SHARED
 
     def setup(self, ctx: Context) -> None:
+        if getattr(self.args, "prompt_finetune", "dap") == "companion" \
+                and ctx.config.eval == "probe":
+            raise ValueError("prompt_finetune: companion fine-tunes a fresh prompt; the probe "
+                             "(eval: probe) trains none, use eval: finetune")
         self.names = list(ctx.domains) if self.per_domain else [SHARED]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.config.seed)
@@ -342,7 +394,17 @@ class IsolationMethod(Method):
         self.train_only(ctx, self.module_name(t))
 
     def model_for_task(self, ctx: Context, i: int) -> nn.Module:
-        """The encoder with task i's module active; the LM trains too when `ft_train_lm`."""
+        """The encoder with task i's module active; the LM trains too when `ft_train_lm`.
+
+        With `prompt_finetune: companion`, a copy whose fresh prepended prompt trains instead
+        (`PromptModules.companion_encoder`)."""
+        if getattr(self.args, "prompt_finetune", "dap") == "companion":
+            encoder = self.modules.companion_encoder()
+            fresh = encoder.soft_prompts.prompts[FINETUNE]
+            for p in encoder.parameters():  # the LM as `ft_train_lm` says, the DAP prompts not
+                p.requires_grad_(self.args.ft_train_lm and not _is_prompt(encoder, p))
+            fresh.requires_grad_(True)
+            return encoder
         name = self.module_name(i)
         self.modules.activate(name)
         modules = {id(p) for n in self.names for p in self.modules.parameters(n)}

@@ -4,7 +4,9 @@ End task i runs with prompt i after its real tokens, which keep positions 0…L�
 returns the real tokens' states only, so the end-task head reads the real first token. The
 prompt follows the companion code (DGA `networks/prompt.py` l.64 and `networks/roberta_model.py`
 l.43–51: appended, 100 tokens, U(−0.5, 0.5)); see `methods.isolation.SoftPrompts`. Needs the
-domain ID at end-task time.
+domain ID at end-task time. At end-task time the LM is frozen, the prompt and the head train
+(ContinualLM `utils/model.py` l.373-380); `prompt_finetune: companion` fine-tunes a fresh
+prepended prompt instead, as the companion does (see `PromptArgs`).
 """
 
 from methods import register

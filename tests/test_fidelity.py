@@ -4,6 +4,7 @@ Fisher or buffer literally (plain torch on a small model) and compares it with t
 import dataclasses
 import json
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,35 +204,151 @@ def without_hooks(module):
         module._forward_hooks.update(post)
 
 
-def test_prompt_is_appended_after_the_real_tokens_at_their_own_positions(ctx):
+# DGA c074732 networks/prompt.py l.48-67 and l.91-102, transcribed literally (`.cuda()` left
+# out). `model` is a stand-in whose `roberta.embeddings` is the word-embedding layer: the one
+# documented departure (`SoftPrompts`: DGA embeds the real tokens with the whole embedding layer
+# and then the model embeds them again; ContinualLM networks/prompt/tuning.py l.26 and peft use
+# the word embeddings).
+def cat_learned_embedding_to_input(model, input_ids, t):
+    inputs_embeds = getattr(model, 'roberta').embeddings(input_ids)  # noqa: B009 (literal)
+
+    if len(list(inputs_embeds.shape)) == 2:
+        inputs_embeds = inputs_embeds.unsqueeze(0)
+
+    # [batch_size, n_tokens, n_embed]
+    learned_embeds = model.prompt_embed_pool[t].weight.repeat(inputs_embeds.size(0), 1, 1)
+
+    # X: n * e, P: p * e -> [P; X]: (p+n) * e
+    inputs_embeds = torch.cat([inputs_embeds, learned_embeds], dim=1)  # add at the end
+
+    return inputs_embeds
+
+
+def extend_attention_mask(model, attention_mask):
+    if len(list(attention_mask.shape)) == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+
+    n_batches = attention_mask.shape[0]
+    return torch.cat(
+        [attention_mask, torch.full((n_batches, model.n_tokens), 1)],
+        dim=1,
+    )
+
+
+def dga_stand_in(encoder, prompts: list[torch.Tensor]):
+    """What the two functions read of DGA's model, taken from `encoder` and the prompts."""
+    pool = [SimpleNamespace(weight=p) for p in prompts]
+    return SimpleNamespace(roberta=SimpleNamespace(embeddings=encoder.embeddings.word_embeddings),
+                           prompt_embed_pool=pool, n_tokens=prompts[0].shape[0])
+
+
+def stock(encoder, embeds, mask):
+    with without_hooks(encoder):
+        return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+
+def test_prompt_is_dgas_cat_learned_embedding_to_input(ctx):
     method = build_method("prompt-one")
     method.setup(ctx)
     info = json.loads((ctx.artifacts_dir / "isolation.json").read_text())
     assert info["num_virtual_tokens"] == 48  # 64 positions − max_length 16; 100 do not fit
     assert info["requested_virtual_tokens"] == 100
     encoder = encoder_of(ctx.model)
-    prompt = method.modules.parameters(ctx.domains[0])[0]
-    assert prompt.shape == (48, 32) and float(prompt.detach().abs().max()) <= 0.5  # U(−0.5, 0.5)
+    prompts = [method.modules.parameters(d)[0] for d in ctx.domains[:2]]
+    assert prompts[0].shape == (48, 32) and float(prompts[0].detach().abs().max()) <= 0.5
     batch = next(ctx.mlm_batches(ctx.corpus(0), seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    positions = []
-    handle = encoder.embeddings.position_embeddings.register_forward_hook(
-        lambda module, args, out: positions.append(args[0]))
+    length = ids.shape[1]
+    method.modules.activate(ctx.domains[1])  # task t = 1: the second prompt of the pool
     ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    handle.remove()
     assert ours.shape == (*ids.shape, 32)
-    # real tokens at 0…L−1 (padded to max_length 16), the prompt at 16…63 after them
-    assert torch.equal(positions[0].flatten(), torch.arange(16 + 48))
-    # DGA networks/prompt.py l.64: [X; P], here X the word embeddings of the real tokens
-    # (ContinualLM networks/prompt/tuning.py l.26), padded to max_length, P the prompt
-    padded = F.pad(ids, (0, 16 - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
-    embeds = torch.cat([encoder.embeddings.word_embeddings(padded),
-                        prompt.expand(ids.shape[0], -1, -1)], dim=1)
-    full_mask = torch.cat([F.pad(mask, (0, 16 - ids.shape[1])),
-                           torch.ones(ids.shape[0], 48, dtype=mask.dtype)], dim=1)
-    with without_hooks(encoder):
-        reference = encoder(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
-    torch.testing.assert_close(ours, reference[:, : ids.shape[1]])
+    # the companion tokenises with padding="max_length": every sequence is 16 long
+    padded = F.pad(ids, (0, 16 - length), value=ctx.tokenizer.pad_token_id)
+    padded_mask = F.pad(mask, (0, 16 - length))
+    model = dga_stand_in(encoder, prompts)
+    embeds = cat_learned_embedding_to_input(model, padded, 1)
+    full_mask = extend_attention_mask(model, padded_mask)
+    reference = stock(encoder, embeds, full_mask)[:, :length]
+    torch.testing.assert_close(ours, reference)
+    # rejected: the prompt prepended ([P; X], the real tokens read at positions 48…)
+    prepended = torch.cat([embeds[:, 16:], embeds[:, :16]], dim=1)
+    wrong = stock(encoder, prepended, torch.cat([full_mask[:, 16:], full_mask[:, :16]], 1))
+    assert not torch.allclose(ours, wrong[:, 48:48 + length], atol=1e-3)
+    # rejected: the mask not extended over the prompt (zeros: the prompt is not attended)
+    unattended = torch.cat([padded_mask, torch.zeros(ids.shape[0], 48, dtype=mask.dtype)], 1)
+    wrong = stock(encoder, embeds, unattended)[:, :length]
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+    # rejected: another domain's prompt
+    assert not torch.allclose(ours, stock(encoder, cat_learned_embedding_to_input(
+        model, padded, 0), full_mask)[:, :length], atol=1e-3)
+
+
+# ContinualLM 57e498c networks/prompt/tuning.py l.6-9, l.25-40, l.54-63, transcribed literally
+# (the `one` branch; `.to(self.device)` left out): the companion's fine-tuning prompt.
+class CompanionPromptTuning:
+    def __init__(self, encoder, n_tokens):
+        self.roberta = encoder
+        self.prompt_embedding = torch.nn.parameter.Parameter(
+            self.roberta.embeddings.word_embeddings.weight[:n_tokens].clone().detach())
+
+    def _cat_prompt_embedding_to_input(self, input_ids):
+        inputs_embeds = self.roberta.embeddings.word_embeddings(input_ids)
+
+        if len(list(inputs_embeds.shape)) == 2:
+            ie = inputs_embeds.unsqueeze(0)
+        else:
+            ie = inputs_embeds
+
+        prompt_embedding = self.prompt_embedding
+
+        inputs_embeds = torch.cat([prompt_embedding.repeat(ie.size(0), 1, 1),
+                                   ie],
+                                  dim=1)
+
+        return inputs_embeds
+
+    def _extend_attention_mask(self, attention_mask):
+        n_tokens = self.prompt_embedding.shape[-2]
+
+        if len(list(attention_mask.shape)) == 1:
+            am = attention_mask.unsqueeze(0)
+        else:
+            am = attention_mask
+
+        n_batches = am.shape[0]
+        return torch.cat([torch.full((n_batches, n_tokens), 1), am], dim=1)
+
+
+def test_prompt_finetune_companion_is_continuallms_prompt_tuning(ctx):
+    method = build_method("prompt-one", {"prompt_finetune": "companion"})
+    method.setup(ctx)
+    encoder = method.model_for_task(ctx, 0)
+    fresh = encoder.soft_prompts.prompts["finetune"]
+    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert trainable == ["soft_prompts.prompts.finetune"]  # the LM and the DAP prompts frozen
+    batch = next(ctx.mlm_batches(ctx.corpus(0), seed=3))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    companion = CompanionPromptTuning(encoder_of(ctx.model), 48)
+    torch.testing.assert_close(fresh, companion.prompt_embedding)
+    embeds = companion._cat_prompt_embedding_to_input(ids)
+    reference = stock(encoder, embeds, companion._extend_attention_mask(mask))
+    torch.testing.assert_close(ours, reference)  # every state: the head reads the prompt's first
+    # rejected: the fresh prompt appended instead ([X; P])
+    appended = torch.cat([embeds[:, 48:], embeds[:, :48]], dim=1)
+    wrong = stock(encoder, appended, torch.cat([mask, torch.ones(ids.shape[0], 48).long()], 1))
+    assert not torch.allclose(ours[:, 48:], wrong[:, : ids.shape[1]], atol=1e-3)
+    # rejected: the domain's DAP-trained prompt prepended in its place
+    dap = method.modules.parameters(ctx.domains[0])[0].detach()
+    wrong = stock(encoder, torch.cat([dap.expand(ids.shape[0], -1, -1), embeds[:, 48:]], 1),
+                  companion._extend_attention_mask(mask))
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+def test_prompt_finetune_companion_refuses_the_probe(ctx):
+    ctx.config = dataclasses.replace(ctx.config, eval="probe")
+    with pytest.raises(ValueError, match="prompt_finetune: companion"):
+        build_method("prompt-one", {"prompt_finetune": "companion"}).setup(ctx)
 
 
 def test_prompt_length_is_the_companion_100_where_max_length_leaves_room(ctx):
@@ -407,3 +524,131 @@ def test_end_task_model_is_the_stock_roberta_head_on_the_shared_encoder():
     no_tanh = hidden[:, 0] @ weights[0].T + weights[1]
     assert not torch.allclose(logits, no_tanh @ weights[2].T + weights[3], atol=1e-2)
 
+
+# -- 6. HAT (Serrà et al. 2018; code joansj/hat 6fd0b9d) --------------------------------------
+def hat_view(gfc_post, gfc_pre, weight):
+    """src/networks/mlp_hat.py l.84-87 (`fc2.weight`), literally."""
+    post = gfc_post.data.view(-1, 1).expand_as(weight)
+    pre = gfc_pre.data.view(1, -1).expand_as(weight)
+    return torch.min(post, pre)
+
+
+def hat_mask_back(model, a, head_dim: int, combine=torch.min) -> dict[str, torch.Tensor]:
+    """mask_back = 1 − view per parameter (src/approaches/hat.py l.98-102), the views of
+    mlp_hat.py l.80-95 on each layer: a gated output and an ungated input as `fc1` (l.80-83),
+    a gated output and a gated input as `fc2` (l.84-89), an ungated output (the attention-output
+    dense, whose output joins the ungated residual stream) by the input's gate alone."""
+    back = {}
+    for index, layer in enumerate(encoder_of(model).encoder.layer):
+        prefix = f"bert.encoder.layer.{index}."
+        head = a["head"][index].repeat_interleave(head_dim)
+        inter, out = a["intermediate"][index], a["output"][index]
+        for name in ("query", "key", "value"):
+            weight = getattr(layer.attention.self, name).weight
+            back[f"{prefix}attention.self.{name}.weight"] = 1 - head.view(-1, 1).expand_as(weight)
+            back[f"{prefix}attention.self.{name}.bias"] = 1 - head.view(-1)
+        weight = layer.attention.output.dense.weight
+        back[f"{prefix}attention.output.dense.weight"] = 1 - head.view(1, -1).expand_as(weight)
+        weight = layer.intermediate.dense.weight
+        back[f"{prefix}intermediate.dense.weight"] = 1 - inter.view(-1, 1).expand_as(weight)
+        back[f"{prefix}intermediate.dense.bias"] = 1 - inter.view(-1)
+        weight = layer.output.dense.weight
+        view = hat_view(out, inter, weight) if combine is torch.min else combine(
+            out.view(-1, 1).expand_as(weight), inter.view(1, -1).expand_as(weight))
+        back[f"{prefix}output.dense.weight"] = 1 - view
+        back[f"{prefix}output.dense.bias"] = 1 - out.view(-1)
+    return back
+
+
+def hat_with_gradients(ctx, args: dict | None = None):
+    """HAT on domain 1 with a^{<1} drawn in (0, 1) and a random gradient on every parameter;
+    returns the method and the gradients before `after_backward`."""
+    hat = build_method("hat", args or {})
+    hat.setup(ctx)
+    ctx.t, ctx.step, ctx.total_steps = 1, 2, 10
+    hat.batches_per_epoch = 5
+    hat.before_domain(ctx, 1)
+    generator = torch.Generator().manual_seed(0)
+    hat.masks[0] = {k: torch.rand(s, generator=generator) for k, s in hat.gates.shapes.items()}
+    if hat.args.form == "binary":  # what its `after_domain` stores
+        hat.masks[0] = {k: (v > 0.5).float() for k, v in hat.masks[0].items()}
+    for p in hat.parameters(ctx):
+        p.grad = torch.randn(p.shape, generator=generator)
+    grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters()}
+    grads.update({f"e.{k}": e.grad.clone() for k, e in hat.embeddings[1].items()})
+    hat.after_backward(ctx)
+    return hat, grads
+
+
+def test_hat_scales_gradients_by_one_minus_min_of_the_cumulative_attention(ctx):
+    hat, grads = hat_with_gradients(ctx)
+    a = hat.masks[0]
+    back = hat_mask_back(ctx.model, a, head_dim=8)
+    for n, p in ctx.model.named_parameters():  # hat.py l.133-135: p.grad *= mask_back[n]
+        expected = grads[n] * back[n] if n in back else grads[n]
+        torch.testing.assert_close(p.grad, expected, msg=n)
+    # hat.py l.138-142: the embedding gradients compensated for the annealing
+    s, smax = hat.slope(ctx), 400.0
+    for kind, p in hat.embeddings[1].items():
+        num = torch.cosh(torch.clamp(s * p.data, -50, 50)) + 1
+        den = torch.cosh(p.data) + 1
+        torch.testing.assert_close(p.grad, grads[f"e.{kind}"] * smax / s * num / den)
+    # rejected: max instead of min for the FFN output dense (input and output both gated)
+    wrong = hat_mask_back(ctx.model, a, head_dim=8, combine=torch.max)
+    name = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.allclose(dict(ctx.model.named_parameters())[name].grad,
+                              grads[name] * wrong[name])
+
+
+def test_hat_binary_form_blocks_rows_and_is_not_the_paper(ctx):
+    hat, grads = hat_with_gradients(ctx, {"form": "binary"})
+    back = hat_mask_back(ctx.model, hat.masks[0], head_dim=8)
+    params = dict(ctx.model.named_parameters())
+    name = "bert.encoder.layer.1.output.dense.weight"
+    assert not torch.allclose(params[name].grad, grads[name] * back[name])
+    used = hat.masks[0]["output"][1]  # binarised, the output rows only
+    assert set(used.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(params[name].grad, grads[name] * (1 - used).view(-1, 1))
+
+
+@pytest.mark.parametrize("form", ["paper", "binary"])
+def test_hat_domain_attention_is_sigmoid_at_s_max_and_accumulates_by_max(ctx, form):
+    hat = build_method("hat", {"form": form})
+    hat.setup(ctx)
+    for t in range(2):
+        hat.before_domain(ctx, t)
+        hat.after_domain(ctx, t)
+    a = [{k: torch.sigmoid(400 * e.detach()) for k, e in hat.embeddings[t].items()}
+         for t in range(2)]  # hat.py l.88 (mask(t, s=smax)), l.91-95 (max)
+    if form == "binary":
+        a = [{k: (v > 0.5).float() for k, v in m.items()} for m in a]
+    for kind in a[0]:
+        torch.testing.assert_close(hat.masks[1][kind], a[1][kind])
+        torch.testing.assert_close(hat.cumulative(2)[kind],
+                                   torch.maximum(a[0][kind], a[1][kind]))
+    binary = any(((v > 0) & (v < 1)).any() for v in hat.masks[0].values())
+    assert binary == (form == "paper")  # the paper's attention is not binarised
+
+
+@pytest.mark.parametrize("anneal", ["paper", "code", "domain"])
+def test_hat_slope_is_annealed_per_batch_as_the_paper_says(ctx, anneal):
+    ctx.config = dataclasses.replace(ctx.config, dap_batch_size=4)
+    hat = build_method("hat", {"anneal": anneal})
+    hat.setup(ctx)
+    batches = len(ctx.corpus(0)) // 4  # B: batches of one epoch (the stream drops a partial one)
+    hat.dap_plan(ctx, 0)
+    assert hat.batches_per_epoch == batches and batches >= 4
+    smax, steps = 400.0, 2 * batches + 3
+    ctx.total_steps = steps
+    for step in (0, 1, batches - 2, batches - 1, batches, batches + 1, steps - 1):
+        ctx.step = step
+        b = step % batches + 1
+        paper = 1 / smax + (smax - 1 / smax) * (b - 1) / (batches - 1)  # §2.4
+        # ContinualLM approaches/compute_loss.py l.18 (step counts batches within an epoch)
+        code = (smax - 1 / smax) * (step % batches) / batches + 1 / smax
+        domain = 1 / smax + (smax - 1 / smax) * step / (steps - 1)
+        expected = {"paper": paper, "code": code, "domain": domain}[anneal]
+        assert hat.slope(ctx) == pytest.approx(expected, rel=1e-12)
+    ctx.step = batches - 1  # the last batch of the first epoch
+    assert hat.slope(ctx) == pytest.approx(smax) if anneal == "paper" else \
+        hat.slope(ctx) < smax - 1  # rejected: the code's /B never reaches s_max
