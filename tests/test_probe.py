@@ -141,7 +141,8 @@ def test_collapse_flags_are_shaped_like_mf1_whatever_the_file_holds():
 
     base = {"suite": "syn6", "profile": "tiny", "synthetic": True, "method": "ncl", "row": "ncl",
             "order": 0, "seed": 1, "domains": ["a", "b"], "needs_domain_id": False,
-            "config": {}, "schema": 3, "mf1": [[50.0], [40.0, None]]}
+            "config": {}, "schema": 3, "mf1": [[50.0], [40.0, None]],
+            "acc": [[60.0], [50.0, None]]}
     for flags in ([], [[True]], [[True, False, True]]):
         record = RunRecord.from_dict({**base, "collapsed": flags})
         assert [len(row) for row in record.collapsed] == [1, 2]
