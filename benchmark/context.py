@@ -22,8 +22,9 @@ from benchmark.data import dap_sequences, endless, mlm_loader
 
 # the loop's phases and their seed streams (the numbers every committed result was made with)
 PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
-# held-out sequences per domain for the MLM-loss matrix L[t][i] (`Context.heldout_corpus`)
-HELDOUT_SEQUENCES = 256
+# held-out tokens per domain for the MLM-loss matrix L[t][i] (`Context.heldout_corpus`): about
+# 4,900 masked at 15 %; the loss's sampling std falls as one over the root of that count
+HELDOUT_TOKENS = 32_768
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Context:
         domain's `heldout` texts (syn6: extra sentences its generator draws from a seed of their
         own), else its end task's test texts (real suites: their corpora stay whole, so DAP
         batches stay as they were). Every sequence that a DAP corpus of the run also holds is
-        dropped, so no DAP batch draws one; then the first `HELDOUT_SEQUENCES` are kept."""
+        dropped, so no DAP batch draws one; then the first sequences up to `HELDOUT_TOKENS`
+        tokens are kept (syn6 default: all of its ~650; a real suite at 128 tokens: 256)."""
         key = ("heldout", i)
         if key not in self._corpora:
             domain = self.suite.domains[self.domains[i]]
@@ -105,8 +107,14 @@ class Context:
                                  self.config.group_texts)
             trained = {tuple(ids) for t in range(len(self.domains))
                        for ids in self.corpus(t)["input_ids"]}
-            keep = [k for k, ids in enumerate(data["input_ids"]) if tuple(ids) not in trained]
-            self._corpora[key] = data.select(keep[:HELDOUT_SEQUENCES])
+            keep, tokens = [], 0
+            for k, ids in enumerate(data["input_ids"]):
+                if tokens >= HELDOUT_TOKENS:
+                    break
+                if tuple(ids) not in trained:
+                    keep.append(k)
+                    tokens += len(ids)
+            self._corpora[key] = data.select(keep)
         return self._corpora[key]
 
     def replay_corpus(self) -> Dataset | None:

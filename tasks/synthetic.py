@@ -56,7 +56,7 @@ class Profile:
     mentions_per_entity: int = 12
     # held-out corpus sentences per entity for the per-domain MLM loss, drawn from their own
     # seed after the corpus (the corpus, tasks and every DAP batch are as without them)
-    heldout_mentions_per_entity: int = 4
+    heldout_mentions_per_entity: int = 12
     attribute_noise: float = 0.25
     train_entity_share: float = 0.6
     task_examples_train: int = 4
