@@ -247,3 +247,26 @@ def _context(suite):
     model, tokenizer, _ = load_base_model(suite, "", None)
     return Context(config=cfg, suite=suite, domains=suite.order(0), model=model,
                    tokenizer=tokenizer, accelerator=Accelerator(), run_dir=Path("."))
+
+
+def test_plot_and_report_show_the_matrix_where_recorded(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmark.plot import plot_runs
+    from benchmark.report import build_report
+
+    old = _record(row="base", method="base")
+    del old["mlm_loss"]  # made before the matrix: no heatmap, no failure
+    runs = tmp_path / "runs"
+    for k, record in enumerate([_record(), _record(seed=2), old]):
+        (runs / str(k)).mkdir(parents=True)
+        (runs / str(k) / "result.json").write_text(json.dumps(record))
+    from benchmark.tables import load_results
+
+    written = {p.name for p in plot_runs(load_results(runs), runs, tmp_path / "fig")}
+    assert "L_mlm-ncl.png" in written and "L_mlm-base.png" not in written
+    assert (tmp_path / "fig" / "syn6-tiny-order0" / "L_mlm-ncl.png").read_bytes()[:4] == \
+        b"\x89PNG"
+    page = build_report(runs, tmp_path / "report").read_text()
+    assert "Held-out MLM loss (the LM&#x27;s own forgetting)" in page or \
+        "Held-out MLM loss (the LM's own forgetting)" in page
+    assert "L_mlm-ncl" in page
