@@ -270,3 +270,13 @@ def test_plot_and_report_show_the_matrix_where_recorded(tmp_path):
     assert "Held-out MLM loss (the LM&#x27;s own forgetting)" in page or \
         "Held-out MLM loss (the LM's own forgetting)" in page
     assert "L_mlm-ncl" in page
+
+
+def test_a_run_resumed_from_a_record_without_the_matrix_records_none():
+    """A checkpoint written before the matrix existed has no θ0 row: the resumed run leaves the
+    matrix empty instead of recording rows that would sit under the wrong domains."""
+    from benchmark.loop import record_mlm_losses
+
+    record = RunRecord.from_dict(_record(finished=False, mlm_loss=[]))
+    record_mlm_losses(None, record, 2)  # the context is not even read
+    assert record.mlm_loss == [] and "mlm_loss_s" not in record.timings
