@@ -76,32 +76,29 @@ def test_a_domains_loss_drops_after_its_own_dap_phase(runs):
 
 
 def test_the_heldout_text_never_meets_a_dap_batch(runs, tiny_suite):
-    from benchmark.context import Context
+    from datasets import Dataset
 
     trained = set(runs["dap_batches"])
-    assert trained  # the recorder saw ncl's DAP batches
     ctx = _context(tiny_suite)
+    corpus = {tuple(ids) for t in range(len(ctx.domains)) for ids in ctx.corpus(t)["input_ids"]}
+    assert trained and trained <= corpus  # the recorder saw ncl's DAP batches, all corpus text
     heldout = {tuple(ids) for i in range(len(ctx.domains))
                for ids in ctx.heldout_corpus(i)["input_ids"]}
     assert heldout and not heldout & trained
-    # a held-out text that a corpus also holds is dropped: put corpus texts into the held-out
-    # text and they do not come back (without the filter they would meet DAP batches)
+    # the filter is what keeps it so: held-out text that repeats corpus text (five corpus
+    # sentences put in front) comes back without them; unfiltered, they would be DAP batches
     domain = tiny_suite.domains[ctx.domains[0]]
-    corpus_texts = list(domain.corpus["text"][:5])
-    leaky = _context(tiny_suite)
-    from datasets import Dataset
-
     saved = domain.heldout
+    leaky = _context(tiny_suite)
     try:
-        domain.heldout = Dataset.from_dict({"text": corpus_texts + list(saved["text"])})
-        kept = {tuple(ids) for ids in leaky.heldout_corpus(0)["input_ids"]}
-        raw = {tuple(ids) for ids in leaky.corpus(0).select(range(50))["input_ids"]}
-        assert not kept & {tuple(ids) for ids in leaky.corpus(0)["input_ids"]}
-        assert len(kept) == len({tuple(ids) for ids in ctx.heldout_corpus(0)["input_ids"]})
-        assert raw & trained  # the corpus's own sequences are what DAP draws
+        domain.heldout = Dataset.from_dict({"text": list(domain.corpus["text"][:5]) +
+                                                    list(saved["text"])})
+        kept = [tuple(ids) for ids in leaky.heldout_corpus(0)["input_ids"]]
     finally:
         domain.heldout = saved
-    assert Context.heldout_corpus  # the service the loop uses
+    assert not set(kept) & corpus
+    assert kept == [tuple(ids) for ids in ctx.heldout_corpus(0)["input_ids"]]
+    assert {tuple(ids) for ids in ctx.corpus(0).select(range(5))["input_ids"]} & trained
 
 
 def test_real_suites_fall_back_to_the_end_task_test_texts(tiny_suite):
