@@ -85,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
                        help="the diagonal A[t][t] per row (each domain right after its own "
                             "DAP-training) beside the last row's average and FR; with --vs ROW, "
                             "the differences against ROW on shared seeds")
+    table.add_argument("--mlm", action="store_true",
+                       help="the held-out MLM loss per domain after the last domain L[T][i], its "
+                            "forgetting and transfer in loss units, instead; with --vs ROW, the "
+                            "average loss against ROW")
     table.add_argument("--vs", metavar="ROW",
                        help="add each row's difference in average MF1 against ROW, 95 %% "
                             "interval over seeds (needs the report extra)")
@@ -248,6 +252,9 @@ def command_table(args: argparse.Namespace) -> int:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
     elif args.dap_loss:
         print(render(build_dap_loss_tables(results, rows), args.format, DAP_LOSS_NOTE))
+    elif args.mlm:
+        _mlm_table(results, rows, args.vs, args.format)
+        return 0
     elif args.diagonal:
         from benchmark.tables import DIAGONAL_NOTE, build_diagonal_tables
 
@@ -262,6 +269,27 @@ def command_table(args: argparse.Namespace) -> int:
 
         print(render(build_vs_tables(results, args.vs, rows), args.format, vs_note(args.vs)))
     return 0
+
+
+def _mlm_table(results: list[dict], rows: list[str] | None, vs: str | None, fmt: str) -> None:
+    """`table --mlm`: the MLM-loss matrix view, and with `vs` its average against that row."""
+    from benchmark.tables import (
+        MLM_NOTE,
+        build_mlm_tables,
+        build_vs_tables,
+        mlm_vs_note,
+        render,
+        with_mlm_matrix,
+    )
+
+    tables = build_mlm_tables(results, rows)
+    if not tables:
+        raise UsageError("no run under --runs recorded the MLM-loss matrix (runs made before "
+                         "2026-12-08 have none)")
+    print(render(tables, fmt, MLM_NOTE))
+    if vs:
+        print(render(build_vs_tables(with_mlm_matrix(results), vs, rows, "mlm",
+                                     "held-out MLM loss", digits=3), fmt, mlm_vs_note(vs)))
 
 
 def _check_row(row: str | None, results: list[dict], runs: str) -> None:

@@ -26,6 +26,9 @@ from benchmark.data import dap_sequences, endless, mlm_loader, skip_start
 
 # the loop's phases and their seed streams (the numbers every committed result was made with)
 PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
+# held-out tokens per domain for the MLM-loss matrix L[t][i] (`Context.heldout_corpus`): about
+# 4,900 masked at 15 %; the loss's sampling std falls as one over the root of that count
+HELDOUT_TOKENS = 32_768
 
 
 @dataclass
@@ -92,6 +95,33 @@ class Context:
                 self.suite.general_corpus, self.tokenizer, self.config.max_length,
                 self.config.group_texts)
         return self._corpora["general"]
+
+    def heldout_corpus(self, i: int) -> Dataset:
+        """Domain i's held-out text as MLM sequences, for the per-domain MLM loss L[t][i]: the
+        domain's `heldout` texts (syn6: extra sentences its generator draws from a seed of their
+        own), else its end task's test texts (real suites: their corpora stay whole, so DAP
+        batches stay as they were). Every sequence that a DAP corpus of the run also holds is
+        dropped, so no DAP batch draws one; then the first sequences up to `HELDOUT_TOKENS`
+        tokens are kept (syn6 default: all of its ~650; a real suite at 128 tokens: 256)."""
+        key = ("heldout", i)
+        if key not in self._corpora:
+            domain = self.suite.domains[self.domains[i]]
+            raw = domain.heldout
+            if raw is None:
+                raw = Dataset.from_dict({"text": list(domain.task.test["text"])})
+            data = dap_sequences(raw, self.tokenizer, self.config.max_length,
+                                 self.config.group_texts)
+            trained = {tuple(ids) for t in range(len(self.domains))
+                       for ids in self.corpus(t)["input_ids"]}
+            keep, tokens = [], 0
+            for k, ids in enumerate(data["input_ids"]):
+                if tokens >= HELDOUT_TOKENS:
+                    break
+                if tuple(ids) not in trained:
+                    keep.append(k)
+                    tokens += len(ids)
+            self._corpora[key] = data.select(keep)
+        return self._corpora[key]
 
     def replay_corpus(self) -> Dataset | None:
         """General text DAP may train on (replay), tokenised: the suite's `replay_corpus` (real

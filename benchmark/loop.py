@@ -244,6 +244,7 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     general = ctx.general_corpus()
     if general is not None:
         record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
+    record_mlm_losses(ctx, record, 0)
     if stored is not None:
         record = resume_from(stored, ctx, method, record)
 
@@ -311,11 +312,27 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     if general is not None:
         record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
         check_finite(ctx, record.general_mlm_loss[-1:], t, "general MLM loss")
+    record_mlm_losses(ctx, record, t + 1)
     record.timings["dap_s"].append(round(time.perf_counter() - start, 3))
     record.mf1.append([])
     record.acc.append([])
     record.collapsed.append([])
     record.timings["finetune_s"].append([])
+
+
+def record_mlm_losses(ctx: Context, record: RunRecord, row: int) -> None:
+    """Row `row` of the MLM-loss matrix (0: θ0, t + 1: after domain t): the model's MLM loss on
+    every domain's held-out text (forward passes, fixed masks), and its seconds. A run resumed
+    from a record without the earlier rows records none (a partial matrix would mislead)."""
+    if len(record.mlm_loss) != row:
+        return
+    start = time.perf_counter()
+    losses = [ctx.mlm_eval_loss(ctx.model, ctx.heldout_corpus(i))
+              for i in range(len(ctx.domains))]
+    if row:
+        check_finite(ctx, losses, row - 1, "held-out MLM loss")
+    record.mlm_loss.append([round(v, 5) for v in losses])
+    record.timings.setdefault("mlm_loss_s", []).append(round(time.perf_counter() - start, 3))
 
 
 def check_finite(ctx: Context, losses: list[float], t: int, what: str = "DAP loss") -> None:

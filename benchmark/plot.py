@@ -95,6 +95,35 @@ def heatmap(runs: list[dict], domains: list[str], row: str, path: Path,
     _save(fig, path, written)
 
 
+def mlm_heatmap(matrices: list[np.ndarray], domains: list[str], row: str, path: Path,
+                written: list[Path]) -> None:
+    """The held-out MLM-loss matrix of a row, seed mean: θ0's row, then one row per domain
+    trained; every domain's loss in every row (above the diagonal: forward transfer)."""
+    plt = _pyplot()
+    mean = np.mean(matrices, axis=0)
+    size = len(domains)
+    fig, ax = plt.subplots(figsize=(1.0 * size + 2.0, 0.8 * (size + 1) + 1.5))
+    image = ax.imshow(mean, cmap="viridis_r")
+    middle = (mean.min() + mean.max()) / 2
+    for t in range(size + 1):
+        for i in range(size):
+            ax.text(i, t, f"{mean[t, i]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if mean[t, i] > middle else "black")
+    for t in range(size):  # row t + 1: right after domain t's own phase
+        ax.add_patch(plt.Rectangle((t - 0.5, t + 0.5), 1, 1, fill=False, edgecolor="black",
+                                   linewidth=2))
+    ax.set_xticks(range(size), domains, rotation=45, ha="right")
+    ax.set_yticks(range(size + 1), ["θ0"] + [f"after {d}" for d in domains])
+    ax.set_xlabel("held-out text of domain i")
+    ax.set_ylabel("DAP-trained through domain t")
+    seeds = len(matrices)
+    ax.set_title(f"{row}: held-out MLM loss L[t][i], mean of {seeds} seed"
+                 f"{'s' if seeds > 1 else ''}\nlower is better; black: right after the "
+                 "domain's own phase", fontsize=9)
+    fig.colorbar(image, ax=ax, label="MLM loss")
+    _save(fig, path, written)
+
+
 def trajectories(by_row: dict[str, list[dict]], wanted: list[str], domains: list[str],
                  styles: dict, path: Path, written: list[Path]) -> None:
     plt = _pyplot()
@@ -318,7 +347,7 @@ def plot_runs(results: list[dict], runs_dir: Path, out: Path, rows: list[str] | 
     """Draw every figure for `results` (read from `runs_dir`) into `out`; the files written.
 
     `per_row=False` draws only the bars and the trajectories (the report's per-group views)."""
-    from benchmark.tables import _table_groups
+    from benchmark.tables import _table_groups, mlm_matrix
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown figure format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -336,6 +365,11 @@ def plot_runs(results: list[dict], runs_dir: Path, out: Path, rows: list[str] | 
         loss_curves(by_row, wanted, domains, styles, folder, fmt, written)
         for row in wanted:
             heatmap(by_row[row], domains, row, folder / f"A_mf1-{_safe(row)}.{fmt}", written)
+        for row in wanted:  # runs made before 2026-12-08 have no MLM-loss matrix
+            matrices = [m for r in by_row[row] if (m := mlm_matrix(r)) is not None]
+            if matrices:
+                mlm_heatmap(matrices, domains, row, folder / f"L_mlm-{_safe(row)}.{fmt}",
+                            written)
         for row in wanted:
             folders = _artifact_dirs(runs_dir, by_row[row])
             stages = _load_importance(folders, domains) if folders else None

@@ -51,6 +51,10 @@ class RunRecord:
     dap_loss: list[list[float]] = field(default_factory=list)
     dap_steps: list[int] = field(default_factory=list)
     general_mlm_loss: list[float] = field(default_factory=list)  # θ0, then after each domain
+    # the MLM-loss matrix: row 0 θ0's, row t + 1 after DAP-training domain t; one loss per
+    # domain of the run (its held-out text, `Context.heldout_corpus`), future ones included.
+    # Empty: not recorded (files made before 2026-12-08, or a run resumed from one).
+    mlm_loss: list[list[float]] = field(default_factory=list)
     head_warmup_loss: list[float] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
@@ -136,6 +140,8 @@ _TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
                   "a list of integers"),
     "general_mlm_loss": (_numbers, "a list of numbers"),
     "head_warmup_loss": (_numbers, "a list of numbers"),
+    "mlm_loss": (lambda v: isinstance(v, list) and all(_numbers(r) for r in v),
+                 "a list of lists of numbers"),
     "resumed_at": (lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
                    "a list of integers"),
 }
@@ -170,6 +176,17 @@ def _problem(record: RunRecord) -> str | None:
                 return f"{metric}: {', '.join(dict.fromkeys(missing))} of a finished run is null"
     if len(record.acc) != len(record.mf1):
         return f"acc has {len(record.acc)} rows, mf1 {len(record.mf1)}"
+    return _mlm_loss_problem(record)
+
+
+def _mlm_loss_problem(record: RunRecord) -> str | None:
+    """The MLM-loss matrix: at most T + 1 rows of T losses (θ0's and one per domain); a
+    finished run has all of them or none."""
+    rows, size = record.mlm_loss, len(record.domains)
+    if len(rows) > size + 1 or any(len(row) != size for row in rows):
+        return f"mlm_loss must hold at most {size + 1} rows of {size} losses"
+    if record.finished and rows and len(rows) != size + 1:
+        return f"mlm_loss of a finished run has {len(rows)} rows, expected {size + 1} or none"
     return None
 
 

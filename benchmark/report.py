@@ -112,6 +112,30 @@ dt { font-weight: bold; } dd { margin-bottom: 0.4em; }
 """
 
 
+def _mlm_sections(results: list[dict], rows: list[str] | None,
+                  vs: str | None) -> list[tuple[str, str]]:
+    """The held-out MLM-loss view (`table --mlm`), where any run recorded the matrix."""
+    from benchmark.tables import (
+        MLM_NOTE,
+        build_mlm_tables,
+        build_vs_tables,
+        mlm_vs_note,
+        with_mlm_matrix,
+    )
+
+    tables = build_mlm_tables(results, rows)
+    if not tables:
+        return []
+    sections = [("Held-out MLM loss (the LM's own forgetting)", _tables_html(tables, MLM_NOTE))]
+    if vs:
+        against = build_vs_tables(with_mlm_matrix(results), vs, rows, "mlm",
+                                  "held-out MLM loss", digits=3)
+        if against:
+            sections.append((f"Held-out MLM loss against {vs}",
+                             _tables_html(against, mlm_vs_note(vs))))
+    return sections
+
+
 def build_report(runs: Path, out: Path, rows: list[str] | None = None,
                  vs: str | None = None, groups: dict[str, list[str]] | None = None,
                  results: list[dict] | None = None) -> Path:
@@ -149,6 +173,7 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
     if vs:
         sections.append((f"Against {vs}", _tables_html(build_vs_tables(results, vs, rows),
                                                        vs_note(vs))))
+    sections += _mlm_sections(results, rows, vs)
     sections.append(("Figures", "\n".join(_image(p) for p in figures)))
     for name, paths in by_group:
         sections.append((f"Figures of the {name} group",

@@ -460,7 +460,7 @@ def _t_interval(values_a: list[float], values_b: list[float],
 
 def build_vs_tables(
     results: list[dict], reference: str, rows: list[str] | None = None,
-    metric: str = "mf1", title: str = "MF1",
+    metric: str = "mf1", title: str = "MF1", digits: int = 2,
 ) -> list[tuple[str, pd.DataFrame]]:
     """Per (suite, profile, order): every row's mean difference in average `metric` (last row)
     against row `reference`, with a 95 % t-interval over seeds (paired by seed where both rows
@@ -495,8 +495,9 @@ def build_vs_tables(
                 low = high = float("nan")
             excludes = bool(low > 0 or high < 0)
             records.append({
-                "method": row, "seeds": n, f"Δ Avg {title}": f"{diff:+.2f}",
-                "95 % interval": "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]",
+                "method": row, "seeds": n, f"Δ Avg {title}": f"{diff:+.{digits}f}",
+                "95 % interval": "–" if np.isnan(low) else
+                f"[{low:+.{digits}f}, {high:+.{digits}f}]",
                 "interval": how, "≠ 0": "*" if excludes else "",
             })
         if not records:
@@ -516,3 +517,108 @@ def vs_note(reference: str) -> str:
             "is 4.30 (2 degrees of freedom), so the interval is wide: ±2.5 standard deviations "
             "of the paired differences. A row without * is not shown to be equal, only not "
             "shown to differ.")
+
+
+# -- the LM's own forgetting matrix: held-out MLM loss L[t][i] (`table --mlm`) -----------------
+
+def mlm_matrix(res: dict) -> np.ndarray | None:
+    """A run's MLM-loss matrix as (T + 1) × T: row 0 θ0's, row t + 1 after domain t; None where
+    the run did not record it (results made before 2026-12-08)."""
+    rows = res.get("mlm_loss") or []
+    if len(rows) != len(res["domains"]) + 1:
+        return None
+    return np.asarray(rows, dtype=float)
+
+
+def mlm_summary(matrix: np.ndarray) -> dict[str, float]:
+    """The loss-unit counterparts of the A-matrix summaries, with L_t the row after domain t
+    (L_-1: θ0's) and T domains; lower loss is better, so each is signed to read as its name:
+    `avg`: mean_i L_{T-1}[i]; `diag`: mean_i L_i[i] (each domain right after its own DAP);
+    `forgetting`: mean_{i<T-1} (L_{T-1}[i] − L_i[i]), > 0: the loss rose again after the domain's
+    own phase (backward transfer in loss units is its negative); `fwt`: mean_{i>0}
+    (L_-1[i] − L_{i-1}[i]), > 0: the domains before i lowered i's loss before its own phase;
+    `gain`: mean_i (L_-1[i] − L_{T-1}[i]), > 0: the end of the sequence is below θ0."""
+    base, after = matrix[0], matrix[1:]
+    size = after.shape[1]
+    own = np.asarray([after[i, i] for i in range(size)])
+    last = after[-1]
+    return {
+        "avg": float(last.mean()),
+        "diag": float(own.mean()),
+        "forgetting": float(np.mean(last[:-1] - own[:-1])) if size > 1 else float("nan"),
+        "fwt": float(np.mean([base[i] - after[i - 1, i] for i in range(1, size)]))
+        if size > 1 else float("nan"),
+        "gain": float(np.mean(base - last)),
+    }
+
+
+def _cell3(values: list[float], signed: bool = False) -> str:
+    fmt = "+.3f" if signed else ".3f"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{np.mean(values):{fmt}} ± {np.std(values, ddof=1):.3f}"
+
+
+MLM_COLUMNS = {"avg": "Avg L", "diag": "mean L[t][t]", "forgetting": "Forg.", "fwt": "FWT",
+               "gain": "gain vs θ0"}
+
+
+def build_mlm_tables(results: list[dict],
+                     rows: list[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """Per (suite, profile, order): each row's held-out MLM loss per domain after the last
+    domain, L[T][i], and `mlm_summary`'s numbers, mean ± std over the seeds that recorded the
+    matrix, beside the general corpus's loss at the end; rows none of whose runs recorded it are
+    left out (a table none of whose rows did is not shown)."""
+    tables = []
+    for (suite, profile, order, domains), by_row, wanted in _table_groups(results, rows):
+        records = []
+        for row in wanted:
+            runs = sorted(by_row[row], key=lambda r: r["seed"])
+            with_matrix = [(r, m) for r in runs if (m := mlm_matrix(r)) is not None]
+            if not with_matrix:
+                continue
+            record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
+                      "seeds": len(with_matrix)}
+            for i, domain in enumerate(domains):
+                record[domain] = _cell3([float(m[-1, i]) for _, m in with_matrix])
+            summaries = [mlm_summary(m) for _, m in with_matrix]
+            for key, column in MLM_COLUMNS.items():
+                record[column] = _cell3([s[key] for s in summaries], key != "avg" and
+                                        key != "diag")
+            general = [r["general_mlm_loss"][-1] for r, _ in with_matrix
+                       if r.get("general_mlm_loss")]
+            record["general L"] = _cell3(general) if general else "–"
+            records.append(record)
+        if not records:
+            continue
+        heading = (f"{suite} ({profile}), order {order}: held-out MLM loss after the last domain "
+                   "L[T][i] and its forgetting and transfer (loss units, lower loss is better), "
+                   "mean ± std over seeds")
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
+def with_mlm_matrix(results: list[dict]) -> list[dict]:
+    """The runs that recorded the MLM-loss matrix, each with an `mlm` key: its rows after each
+    domain (θ0's dropped), so the views over A (`build_vs_tables`) read L[T] as the last row."""
+    return [{**res, "mlm": matrix[1:].tolist()} for res in results
+            if (matrix := mlm_matrix(res)) is not None]
+
+
+MLM_NOTE = (
+    "L[t][i]: the masked-LM loss (fixed masks) of the model after DAP-training domain t on "
+    "domain i's held-out text, which no DAP batch draws (syn6: extra corpus sentences from a "
+    "seed of their own; real suites: the end task's test texts); θ0's row is L_-1. Domain "
+    "columns: L[T][i]. Avg L: their mean. mean L[t][t]: each domain right after its own phase. "
+    "Forg.: mean over i < T of L[T][i] − L[i][i] (> 0: forgotten; backward transfer is its "
+    "negative). FWT: mean over i > 0 of L_-1[i] − L[i−1][i] (> 0: earlier domains lowered "
+    "i's loss before its own phase). gain vs θ0: mean of L_-1[i] − L[T][i]. general L: the "
+    "held-out general corpus's loss at the end. Per seed, then mean ± std over seeds.")
+
+
+def mlm_vs_note(reference: str) -> str:
+    return (f"Δ: mean difference of the average held-out MLM loss of the last row L[T][i] "
+            f"against `{reference}` (< 0: lower loss than `{reference}`). 95 % interval: a "
+            "t-interval (scipy) over the per-seed averages, paired by seed where both rows share "
+            "2 or more seeds, Welch's otherwise; none for a single-seed row. * the interval "
+            "excludes zero.")

@@ -51,6 +51,9 @@ class Domain:
     # {file as the suite names it: sha256} of every data file the domain was built from (empty:
     # built without files)
     files: dict[str, str] = field(default_factory=dict)
+    # held-out text of the domain for its MLM loss, never DAP-trained (column `text`); None:
+    # the run takes the end task's test texts (benchmark.context.Context.heldout_corpus)
+    heldout: Dataset | None = None
 
 
 @dataclass

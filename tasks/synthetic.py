@@ -54,6 +54,9 @@ class Profile:
     name_pool: int = 500
     entities_per_domain: int = 60
     mentions_per_entity: int = 12
+    # held-out corpus sentences per entity for the per-domain MLM loss, drawn from their own
+    # seed after the corpus (the corpus, tasks and every DAP batch are as without them)
+    heldout_mentions_per_entity: int = 12
     attribute_noise: float = 0.25
     train_entity_share: float = 0.6
     task_examples_train: int = 4
@@ -79,6 +82,7 @@ PROFILES = {
         name_pool=120,
         entities_per_domain=24,
         mentions_per_entity=6,
+        heldout_mentions_per_entity=2,
         task_examples_train=2,
         task_examples_test=3,
         n_domains=3,
@@ -318,7 +322,23 @@ def _domain(world: dict, profile: Profile, name: str, n_classes: int, place: str
         train=examples(train_entities, profile.task_examples_train),
         test=examples(test_entities, profile.task_examples_test),
     )
-    return Domain(name=name, corpus=Dataset.from_dict({"text": corpus}), task=task)
+    return Domain(name=name, corpus=Dataset.from_dict({"text": corpus}), task=task,
+                  heldout=_heldout(world, profile, name, set(corpus)))
+
+
+def _heldout(world: dict, profile: Profile, name: str, corpus: set[str]) -> Dataset:
+    """More corpus sentences of domain `name`, from a seed of their own: held-out text for the
+    domain's MLM loss. A sentence that the corpus also holds is dropped (short sentences repeat),
+    so no DAP batch draws one."""
+    rng = random.Random(f"{WORLD_SEED}-{name}-heldout")
+    perm = world["permutations"][name]
+    texts = []
+    for entity, cls in world["entities"][name].items():
+        group = world["adjectives"][perm[cls]]
+        for _ in range(profile.heldout_mentions_per_entity):
+            described = _noisy(rng, group, world["all_adjectives"], profile.attribute_noise)
+            texts.append(_describe(rng, entity, described))
+    return Dataset.from_dict({"text": [t for t in texts if t not in corpus]})
 
 
 def vocabulary(world: dict) -> list[str]:
