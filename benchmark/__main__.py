@@ -1,10 +1,13 @@
-"""Command line: `python -m benchmark run | table | plot | report | list | data | bench | sweep`."""
+"""Command line: `python -m benchmark run | table | plot | report | list | data | bench | sweep |
+base | reproduce`; `python -m benchmark --pin-kernels COMMAND ...` runs it with the CPU kernels
+pinned to AVX2 (benchmark/kernels.py)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from benchmark.config import (
 from benchmark.datacli import add_parser as add_data_parser
 from benchmark.datacli import command_data
 from benchmark.lock import RunLocked
+from benchmark.reproduce import Refused
+from benchmark.reproduce import add_parsers as add_reproduce_parsers
 
 DEFAULT_SEEDS = [2021, 111, 222, 333, 444]  # the companion code's fine-tuning seeds
 log = logging.getLogger("benchmark")
@@ -45,6 +50,11 @@ def _seeds(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+    top.add_argument("--pin-kernels", action="store_true",
+                     help="first argument only: hold ATen, MKL and oneDNN to their AVX2 kernels "
+                          "(the process starts again with ATEN_CPU_CAPABILITY=avx2 "
+                          "MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; also "
+                          "CDAP_PIN_KERNELS=1)")
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a method over a suite's domain sequence")
@@ -113,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
                    add_help=False)
 
+    add_reproduce_parsers(sub)  # base build | list, reproduce
     listing = sub.add_parser("list", help="list methods, suites or configs")
     listing.add_argument("what", choices=["methods", "suites", "configs"])
     return top
@@ -180,7 +191,7 @@ def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
 def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:
     """Every (config, suite) the command asks for, resolved and checked before anything runs:
     config values, method and its arguments, order, base model folder, writable folders."""
-    from benchmark.basemodel import cached_path, check_base_model
+    from benchmark.basemodel import cached_path, check_base_model, shipped_used
     from methods import build_method
     from tasks import load_suite
 
@@ -206,7 +217,8 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:
     check_writable(Path(args.out), "--out")
     for suite in {id(s): s for _, s in configs}.values():
         cached = cached_path(suite, args.cache_dir)
-        if cached is not None and not cached.exists():  # θ0 will be pretrained and cached
+        if cached is not None and not cached.exists() and not shipped_used(suite):
+            # θ0 will be pretrained and cached
             check_writable(cached.parent, "--cache-dir" if args.cache_dir else "model cache")
     return configs
 
@@ -393,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "adapters"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pin-kernels"] or os.environ.get("CDAP_PIN_KERNELS", "") == "1":
+        from benchmark.kernels import pin_and_reexec
+
+        argv = argv[1:] if argv[:1] == ["--pin-kernels"] else argv
+        pin_and_reexec(argv)  # starts this command again, pinned, unless it already is
     if argv[:1] == ["bench"]:
         from benchmark.bench import main as bench
 
@@ -407,15 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     from benchmark.record import NotFinite
     from benchmark.report import ExtraMissing
+    from benchmark.reproduce import command_base, command_reproduce
     from methods import MethodError
     from tasks import SuiteError
 
     try:
         return {"run": command_run, "table": command_table, "list": command_list,
-                "data": command_data, "plot": command_plot,
-                "report": command_report}[args.command](args)
+                "data": command_data, "plot": command_plot, "report": command_report,
+                "base": command_base, "reproduce": command_reproduce}[args.command](args)
     except (ConfigError, MethodError, SuiteError, UsageError, ExtraMissing, DamagedFile,
-            RunLocked, NotFinite) as err:
+            RunLocked, NotFinite, Refused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder turned read-only, ...

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from benchmark.atomic import DamagedFile, read_json
-from benchmark.basemodel import cpu_description, fingerprint, load_base_model
+from benchmark.basemodel import cpu_description, fingerprint, load_base_model, shipped_name
 from benchmark.checkpoint import (
     CHECKPOINT,
     find_checkpoint,
@@ -44,6 +44,7 @@ from benchmark.checkpoint import (
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
+from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
 from benchmark.record import NotFinite, RunRecord, load, save
@@ -79,7 +80,7 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit, "threads": torch.get_num_threads(),
-            "cpu": cpu_description()}
+            "cpu": cpu_description(), "kernels": kernel_setting()}
 
 
 class CrashPoint(BaseException):
@@ -267,6 +268,7 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
         if accelerator.trackers:  # live tracking: the A matrices so far, the general MLM loss
             track_domain(accelerator, record, names, t)
     record.timings["total_s"] = round(time.perf_counter() - started, 3)
+    record.final_fingerprint = fingerprint(ctx.model)
     record.finished = True
     return record
 
@@ -417,5 +419,6 @@ def new_record(cfg: RunConfig, suite, names: list[str], method: Method, base_s: 
         suite=cfg.suite, profile=cfg.profile, synthetic=bool(suite.synthetic), method=cfg.method,
         row=cfg.row, order=cfg.order, seed=cfg.seed, domains=names,
         needs_domain_id=bool(method.needs_domain_id), config=cfg.to_dict(), **environment(),
-        base_fingerprint=base_fingerprint, protocol=cfg.eval,
+        base_fingerprint=base_fingerprint, base_name=shipped_name(base_fingerprint),
+        protocol=cfg.eval,
         timings={"base_model_s": round(base_s, 3), "dap_s": [], "finetune_s": []})

@@ -4,7 +4,8 @@
 writes it through `save`; `tables.py` reads records through `load`, never raw dicts. Files made
 before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
 get their defaults (`base_fingerprint: None`: θ0 unknown; `protocol: "finetune"`, the only one
-before schema 3; `collapsed`: None in every cell, not recorded).
+before schema 3; `collapsed`: None in every cell, not recorded; `base_name`, `kernels` and
+`final_fingerprint`: None, not recorded, as in every file made before 2026-12-08).
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class RunRecord:
     threads: int | None = None  # torch threads of the run (does not move its numbers)
     cpu: str | None = None  # loop.cpu_description() (None: not recorded, before 2026-12-01)
     base_fingerprint: str | None = None  # sha256 of θ0's state dict (None: unknown, schema 1)
+    # the shipped θ0 (benchmark/theta0/manifest.json) with that fingerprint; None: not a shipped
+    # one (a hub / local model, a θ0 pretrained here) or not recorded
+    base_name: str | None = None
+    # kernels.kernel_setting(): {"pinned", "env", "capability", "hardware"} (None: not recorded)
+    kernels: dict[str, Any] | None = None
+    # sha256 of the model's state dict after the last domain (basemodel.fingerprint), the
+    # weights `reproduce` compares bit for bit beside the rounded numbers (None: not recorded)
+    final_fingerprint: str | None = None
     # A[t][i]: row t (after domain t) holds one cell per task i <= t; None = not evaluated
     mf1: list[list[float | None]] = field(default_factory=list)
     acc: list[list[float | None]] = field(default_factory=list)

@@ -120,6 +120,7 @@ def test_read_only_cache_dir_is_found_before_the_base_model_is_pretrained(tmp_pa
         raise AssertionError("θ0 pretrained although its cache cannot be written")
 
     monkeypatch.setattr(benchmark.basemodel, "pretrain_syn_base", never)
+    monkeypatch.setenv("CDAP_THETA0", "build")  # not the shipped θ0: pretrained and cached
     _read_only(tmp_path / "cache", monkeypatch)
     code = main(["run", "--profile", "tiny", "--cache-dir", str(tmp_path / "cache"),
                  "--out", str(tmp_path / "o")])
@@ -191,7 +192,7 @@ import sys, torch
 from benchmark.basemodel import fingerprint, load_base_model
 from tasks import load_suite
 torch.set_num_threads(int(sys.argv[2]))
-model, _, _ = load_base_model(load_suite("syn6", "tiny"), cache=sys.argv[1])
+model, _, _ = load_base_model(load_suite("syn6", "tiny"), cache=sys.argv[1], shipped=False)
 print(fingerprint(model))
 """
 
@@ -210,13 +211,14 @@ def test_theta0_is_the_same_built_at_one_or_two_threads(tmp_path):
 def test_a_damaged_cached_base_model_is_rebuilt(tmp_path, tiny_suite):
     from benchmark.basemodel import cached_path, fingerprint, load_base_model
 
-    model, _, _ = load_base_model(tiny_suite, cache=str(tmp_path))
+    model, _, _ = load_base_model(tiny_suite, cache=str(tmp_path), shipped=False)
     weights = cached_path(tiny_suite, str(tmp_path)) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    again, _, seconds = load_base_model(tiny_suite, cache=str(tmp_path))
+    again, _, seconds = load_base_model(tiny_suite, cache=str(tmp_path), shipped=False)
     assert seconds > 0, "rebuilt, not reused"
     assert fingerprint(again) == fingerprint(model)
-    assert load_base_model(tiny_suite, cache=str(tmp_path))[2] == 0.0  # the rebuild is reused
+    # the rebuild is reused
+    assert load_base_model(tiny_suite, cache=str(tmp_path), shipped=False)[2] == 0.0
 
 
 def test_theta0_and_every_result_record_the_cpu_that_made_them(tmp_path, tiny_suite):
@@ -226,7 +228,7 @@ def test_theta0_and_every_result_record_the_cpu_that_made_them(tmp_path, tiny_su
     from benchmark.basemodel import FINGERPRINT, cached_path, cpu_description, load_base_model
     from benchmark.loop import environment
 
-    load_base_model(tiny_suite, cache=str(tmp_path))
+    load_base_model(tiny_suite, cache=str(tmp_path), shipped=False)
     stored = read_json(cached_path(tiny_suite, str(tmp_path)) / FINGERPRINT)
     assert stored["cpu"] == cpu_description() == environment()["cpu"]
     assert stored["cpu"].startswith(torch.backends.cpu.get_cpu_capability())
