@@ -50,11 +50,15 @@ def _seeds(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
-    top.add_argument("--pin-kernels", action="store_true",
-                     help="first argument only: hold ATen, MKL and oneDNN to their AVX2 kernels "
-                          "(the process starts again with ATEN_CPU_CAPABILITY=avx2 "
-                          "MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; also "
-                          "CDAP_PIN_KERNELS=1)")
+    pin = top.add_mutually_exclusive_group()
+    pin.add_argument("--pin-kernels", action="store_true",
+                     help="first argument only; the default on a CPU with AVX2: hold ATen, MKL "
+                          "and oneDNN to their AVX2 kernels (the process starts again with "
+                          "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+                          "ONEDNN_MAX_CPU_ISA=AVX2), so AVX2 and AVX512 CPUs give the same bits")
+    pin.add_argument("--no-pin-kernels", action="store_true",
+                     help="first argument only: run the CPU's own widest kernels (also "
+                          "CDAP_PIN_KERNELS=0)")
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a method over a suite's domain sequence")
@@ -405,11 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "adapters"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--pin-kernels"] or os.environ.get("CDAP_PIN_KERNELS", "") == "1":
-        from benchmark.kernels import pin_and_reexec
-
-        argv = argv[1:] if argv[:1] == ["--pin-kernels"] else argv
-        pin_and_reexec(argv)  # starts this command again, pinned, unless it already is
+    if argv[:1] in (["--pin-kernels"], ["--no-pin-kernels"]):  # taken by `cli`, before torch
+        argv = argv[1:]
     if argv[:1] == ["bench"]:
         from benchmark.bench import main as bench
 
@@ -450,5 +451,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def cli() -> int:
+    """The command line (`python -m benchmark`, `cdap-bench`): the CPU kernels pinned to AVX2
+    unless `--no-pin-kernels` or `CDAP_PIN_KERNELS=0` (benchmark/kernels.py), then `main`."""
+    from benchmark.kernels import PIN_ENV, pin_and_reexec, wanted
+
+    argv = sys.argv[1:]
+    if argv[:1] in (["--pin-kernels"], ["--no-pin-kernels"]):
+        os.environ[PIN_ENV] = "1" if argv[0] == "--pin-kernels" else "0"
+        argv = argv[1:]
+    if wanted():
+        pin_and_reexec(argv)  # starts this command again, pinned, unless it already is
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -12,12 +12,15 @@ EPYC pretrains syn6's θ0 bit for bit as the AVX2 AMD EPYC that made the committ
 in its place is not the same: it gives dd00b09c…, a θ0 no machine builds by default. Pinned,
 the AVX512 EPYC also reruns the committed syn6 rows `ncl` and `das` seed 2021 (made on the AVX2
 EPYC by default) bit for bit in every recorded number, and its DAP steps are not slower (`bench`
-on syn6: 0.78x the default's seconds per step for ncl, 0.86x for das, 2026-12-08). Pinning stays
-opt-in: it is shown between AMD EPYC machines only (not yet on Intel CPUs).
+on syn6: 0.78x the default's seconds per step for ncl, 0.86x for das, 2026-12-08). So pinning is
+the default of the command line on every CPU with AVX2 (`wanted`); `--no-pin-kernels` (or
+`CDAP_PIN_KERNELS=0`) runs the CPU's own kernels. It is shown between AMD EPYC machines only
+(not yet on Intel CPUs).
 
-The variables must be set before torch is imported, so `python -m benchmark --pin-kernels ...`
-(or `CDAP_PIN_KERNELS=1`) sets them and starts the process again (`pin_and_reexec`); every
-result records the setting it ran under (`kernel_setting`).
+The variables must be set before torch is imported, so `python -m benchmark ...` sets them and
+starts the process again (`pin_and_reexec`, from `benchmark.__main__.cli`); a caller of
+`benchmark.__main__.main` in its own process runs whatever kernels that process started with.
+Every result records the setting it ran under (`kernel_setting`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,23 @@ from typing import Any
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
           "ONEDNN_MAX_CPU_ISA": "AVX2"}
-PIN_ENV = "CDAP_PIN_KERNELS"  # "1": as --pin-kernels
+PIN_ENV = "CDAP_PIN_KERNELS"  # "1": as --pin-kernels, "0": as --no-pin-kernels
 
 
 def pinned(environ: dict[str, str] | None = None) -> bool:
     """Whether all three libraries are held to AVX2 in `environ` (default: this process's)."""
     environ = os.environ if environ is None else environ
     return all(environ.get(k, "").lower() == v.lower() for k, v in PINNED.items())
+
+
+def wanted(environ: dict[str, str] | None = None) -> bool:
+    """Whether the command line pins the kernels: `CDAP_PIN_KERNELS` "1" or "0" if set, else
+    on every CPU with AVX2 (a CPU without it runs no AVX2 kernel to pin to)."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get(PIN_ENV, "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return hardware_isa() in ("AVX2", "AVX512")
 
 
 def hardware_isa() -> str:

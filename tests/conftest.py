@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-import benchmark.compat  # noqa: F401  (before any test imports transformers)
+from benchmark.kernels import PINNED, wanted
+
+# the kernels `python -m benchmark` runs (benchmark/kernels.py), set before torch starts, so the
+# runs made in this process and in the subprocesses some tests start compute alike
+if wanted():
+    os.environ.update(PINNED)
+
+import benchmark.compat  # noqa: E402, F401  (before any test imports transformers)
 
 # the short end-to-end run of the resume tests: few DAP steps, one fine-tuning epoch
 FAST = ("--dap-steps", "3", "--ft-epochs", "1")

@@ -121,7 +121,10 @@ def test_kernel_setting_is_what_the_environment_pins():
     assert setting["hardware"] == hardware_isa() in ("AVX512", "AVX2", "other")
 
 
-def test_pin_kernels_starts_the_command_again_with_the_avx2_variables(monkeypatch):
+def test_the_command_line_pins_the_kernels_unless_told_not_to(monkeypatch):
+    import benchmark.kernels
+    from benchmark.__main__ import cli
+
     started = []
 
     class Exec(Exception):
@@ -134,18 +137,31 @@ def test_pin_kernels_starts_the_command_again_with_the_avx2_variables(monkeypatc
     monkeypatch.setattr(os, "execve", execve)
     for name in PINNED:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CDAP_PIN_KERNELS", "")  # unset for `wanted`; restored after the test
+    monkeypatch.setattr(benchmark.kernels, "hardware_isa", lambda: "AVX512")
+    for argv in (["base", "list"], ["--pin-kernels", "base", "list"]):  # the default, the flag
+        monkeypatch.setattr(sys, "argv", ["benchmark", *argv])
+        with pytest.raises(Exec):
+            cli()
+        path, args, env = started.pop()
+        assert args == [sys.executable, "-m", "benchmark", "base", "list"]
+        assert pinned(env) and not pinned()
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--no-pin-kernels", "base", "list"])
+    assert cli() == 0 and not started  # runs here, unpinned
+    assert os.environ["CDAP_PIN_KERNELS"] == "0"  # what a sweep's cells inherit
+    assert not benchmark.kernels.wanted()
+    monkeypatch.setenv("CDAP_PIN_KERNELS", "")
+    monkeypatch.setattr(benchmark.kernels, "hardware_isa", lambda: "other")  # no AVX2
+    monkeypatch.setattr(sys, "argv", ["benchmark", "base", "list"])
+    assert cli() == 0 and not started
+    monkeypatch.setenv("CDAP_PIN_KERNELS", "1")  # asked for: pinned whatever the CPU
     with pytest.raises(Exec):
-        main(["--pin-kernels", "base", "list"])
-    path, args, env = started.pop()
-    assert args == [sys.executable, "-m", "benchmark", "base", "list"]
-    assert pinned(env) and not pinned()
-    monkeypatch.setenv("CDAP_PIN_KERNELS", "1")  # the variable does the same
-    with pytest.raises(Exec):
-        main(["base", "list"])
-    assert started.pop()[1] == [sys.executable, "-m", "benchmark", "base", "list"]
+        cli()
+    assert pinned(started.pop()[2])
     for name, value in PINNED.items():  # already pinned: runs here, no new start
         monkeypatch.setenv(name, value)
-    assert main(["--pin-kernels", "base", "list"]) == 0 and not started
+    assert cli() == 0 and not started
+    assert main(["--pin-kernels", "base", "list"]) == 0 and not started  # in-process: no exec
 
 
 def test_the_variables_set_before_torch_starts_hold_aten_to_avx2():
