@@ -4,7 +4,7 @@
 writes it through `save`; `tables.py` reads records through `load`, never raw dicts. Files made
 before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
 get their defaults (`base_fingerprint: None`: θ0 unknown; `protocol: "finetune"`, the only one
-before schema 3; `collapsed`: None in every cell, not recorded).
+before schema 3; `collapsed`: None in every cell, not recorded; `compute`: {}, not recorded).
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ class RunRecord:
     general_mlm_loss: list[float] = field(default_factory=list)  # θ0, then after each domain
     head_warmup_loss: list[float] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
+    # per phase (head_warmup, method, dap, finetune | probe): {"tokens": int, "flops": float},
+    # counted as the run spends them (benchmark/compute.py); {}: not recorded (before 2026-12-08)
+    compute: dict[str, dict[str, float]] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
     finished: bool = False
     schema: int = SCHEMA
@@ -136,9 +139,18 @@ _TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
                   "a list of integers"),
     "general_mlm_loss": (_numbers, "a list of numbers"),
     "head_warmup_loss": (_numbers, "a list of numbers"),
+    "compute": (lambda v: _compute_ok(v), "a mapping of phase to {tokens, flops}"),
     "resumed_at": (lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
                    "a list of integers"),
 }
+
+
+def _compute_ok(value: Any) -> bool:
+    """`compute`: phase names mapped to {"tokens": integer, "flops": number}, both >= 0."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) == {"tokens", "flops"}
+        and _is_int(v["tokens"]) and v["tokens"] >= 0 and _is_number(v["flops"])
+        and v["flops"] >= 0 for k, v in value.items())
 
 
 def _problem(record: RunRecord) -> str | None:
