@@ -9,7 +9,8 @@ import benchmark.compat  # noqa: F401  (before any test imports transformers)
 # the short end-to-end run of the resume tests: few DAP steps, one fine-tuning epoch
 FAST = ("--dap-steps", "3", "--ft-epochs", "1")
 # what a resumed run must give exactly as an uninterrupted one
-NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps", "base_fingerprint")
+NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps", "base_fingerprint",
+           "compute")
 
 
 @pytest.fixture(scope="session", autouse=True)
