@@ -137,3 +137,14 @@ def test_bench_and_the_record_share_one_counter():
     from benchmark import bench, compute
 
     assert bench.FlopCounter is compute.FlopCounter
+
+
+def test_report_shows_the_compute_table(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, records = runs
+    assert main(["report", "--runs", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    section = page.split("<h2>Compute</h2>")[1].split("</section>")[0]
+    for record in records.values():
+        assert f"{record['compute']['dap']['tokens']:,}" in section
+        assert f"{record['compute']['dap']['flops'] / 1e15:.3g}" in section
