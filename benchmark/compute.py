@@ -30,7 +30,7 @@ reports it with `ctx.count(tokens, passes=...)`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -92,16 +92,19 @@ class Compute(FlopCounter):
 
     Nothing is counted outside a phase (`with compute.phase("dap"): ...`). Copies of the hooked
     model (θ0's copy, a teacher, the model being fine-tuned) keep counting here: deep-copying
-    a module copies its hooks, and this counter deep-copies as itself. `world` processes each
-    run a share of every batch; the hooks' FLOPs are scaled by it.
+    a module copies its hooks, and this counter deep-copies as itself. Under several processes
+    each runs its share of a batch: the FLOPs of a phase are summed over processes by `reduce`
+    (a sum over processes of a float64 tensor, e.g. `Accelerator.reduce`) when its outermost
+    block ends, a point every process reaches together; tokens are counted as given.
     """
 
     def __init__(self, model: nn.Module, totals: dict[str, dict[str, Any]],
-                 world: int = 1) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(model)
         self.totals = totals
-        self.world = world
+        self.reduce = reduce
         self.current: str | None = None
+        self._local = dict.fromkeys(PHASES, 0.0)  # this process's FLOPs not yet in totals
 
     def __deepcopy__(self, memo: dict) -> Compute:
         return self
@@ -109,32 +112,40 @@ class Compute(FlopCounter):
     @contextlib.contextmanager
     def phase(self, name: str | None) -> Iterator[None]:
         """Count what runs in the block into phase `name` (None: count nothing)."""
+        if name is not None and name not in PHASES:
+            raise ValueError(f"compute phase {name!r}: not one of {PHASES}")
         before, self.current = self.current, name
         try:
             yield
         finally:
             self.current = before
+            if before is None and name is not None:
+                self._flush()
 
-    def _entry(self) -> dict[str, Any] | None:
-        if self.current is None:
-            return None
-        return self.totals.setdefault(self.current, {"tokens": 0, "flops": 0.0})
+    def _flush(self) -> None:
+        local = torch.tensor([self._local[p] for p in PHASES], dtype=torch.float64)
+        summed = self.reduce(local).cpu() if self.reduce is not None else local
+        for phase, value in zip(PHASES, summed.tolist(), strict=True):
+            if value:
+                self._entry(phase)["flops"] += value
+        self._local = dict.fromkeys(PHASES, 0.0)
+
+    def _entry(self, phase: str) -> dict[str, Any]:
+        return self.totals.setdefault(phase, {"tokens": 0, "flops": 0.0})
 
     def add(self, flops: float) -> None:
         super().add(flops)
-        entry = self._entry()
-        if entry is not None:
-            entry["flops"] += flops * self.world
+        if self.current is not None:
+            self._local[self.current] += flops
 
     def count(self, tokens: int, passes: float = 0.0, width: int | None = None) -> None:
         """Add `tokens` drawn from data to the current phase, and `passes` passes with gradient
         over them (width `width`) that the hooks do not see."""
-        entry = self._entry()
-        if entry is None:
+        if self.current is None:
             return
-        entry["tokens"] += int(tokens)
+        self._entry(self.current)["tokens"] += int(tokens)
         if passes:
-            entry["flops"] += passes * self.one_pass(tokens, width or 1)
+            self._local[self.current] += passes * self.one_pass(tokens, width or 1)
 
 
 def total_flops(compute: dict[str, dict[str, Any]]) -> float:

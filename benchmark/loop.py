@@ -231,7 +231,9 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
         model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
     record = new_record(cfg, suite, names, method, base_seconds, fingerprint(model))
     model.to(accelerator.device)
-    compute = Compute(model, record.compute, accelerator.num_processes)
+    compute = Compute(model, record.compute, reduce=(
+        (lambda x: accelerator.reduce(x.to(accelerator.device), "sum"))
+        if accelerator.num_processes > 1 else None))
     if cfg.head_warmup_steps:
         with compute.phase("head_warmup"):
             record.head_warmup_loss = warm_up_mlm_head(

@@ -4,6 +4,7 @@ run spends them, against a count by hand on the tiny profile; `table --compute` 
 import json
 
 import pytest
+import torch
 
 from benchmark.__main__ import main
 from benchmark.atomic import DamagedFile
@@ -148,3 +149,35 @@ def test_report_shows_the_compute_table(runs, tmp_path):
     for record in records.values():
         assert f"{record['compute']['dap']['tokens']:,}" in section
         assert f"{record['compute']['dap']['flops'] / 1e15:.3g}" in section
+
+
+def test_counter_counts_copies_skips_evaluation_and_sums_processes_once_per_phase():
+    import copy
+
+    from benchmark.bench import random_roberta
+    from benchmark.compute import Compute
+    from methods.modeling import encoder_of
+
+    model = random_roberta("tiny", vocab_size=100)  # 2 layers, d 64, FFN 128
+    n_encoder, layers, d = 2 * (4 * 64 * 64 + 2 * 64 * 128), 2, 64
+    calls = []
+
+    def reduce(local):  # two processes that did the same work
+        calls.append(local.clone())
+        return 2 * local
+
+    totals = {}
+    compute = Compute(model, totals, reduce=reduce)
+    ids = torch.full((3, 8), 5)
+    with compute.phase("dap"):
+        encoder_of(model)(input_ids=ids)  # with gradient: 6 per weight and token
+        encoder_of(copy.deepcopy(model))(input_ids=ids)  # a teacher copy still counts
+        with compute.phase(None), torch.no_grad():  # evaluation: not counted
+            encoder_of(model)(input_ids=ids)
+        compute.count(24)
+        assert calls == []  # summed over processes once, when the phase ends
+    one = 6 * 24 * (n_encoder + 2 * layers * 8 * d)
+    assert totals == {"dap": {"tokens": 24, "flops": 2 * 2 * one}}
+    assert len(calls) == 1
+    encoder_of(model)(input_ids=ids)  # outside any phase
+    assert totals["dap"]["flops"] == 4 * one
