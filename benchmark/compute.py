@@ -158,7 +158,13 @@ def total_tokens(compute: dict[str, dict[str, Any]]) -> int:
     return sum(int(v.get("tokens", 0)) for v in compute.values())
 
 
+def counted(ctx: Any, phase: str | None) -> contextlib.AbstractContextManager:
+    """A block whose compute goes to `phase` of `ctx`'s record (a context without a counter,
+    as tests build one: nothing)."""
+    compute = getattr(ctx, "compute", None)
+    return compute.phase(phase) if compute is not None else contextlib.nullcontext()
+
+
 def uncounted(ctx: Any) -> contextlib.AbstractContextManager:
     """A block that `ctx`'s compute record leaves out (evaluation)."""
-    compute = getattr(ctx, "compute", None)
-    return compute.phase(None) if compute is not None else contextlib.nullcontext()
+    return counted(ctx, None)

@@ -41,7 +41,7 @@ from benchmark.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from benchmark.compute import Compute
+from benchmark.compute import Compute, counted
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
@@ -307,14 +307,14 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     start = time.perf_counter()
     # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
     set_seed(ctx.seed_for("before_domain", t))
-    with ctx.compute.phase("method"):
+    with counted(ctx, "method"):
         method.before_domain(ctx, t)
     plan = method.dap_plan(ctx, t)
-    with ctx.compute.phase("dap"):
+    with counted(ctx, "dap"):
         losses = dap_train(ctx, method, plan, t) if plan is not None else []
     _crash_point("dap", t)
     set_seed(ctx.seed_for("after_domain", t))
-    with ctx.compute.phase("method"):
+    with counted(ctx, "method"):
         method.after_domain(ctx, t)
     check_finite(ctx, losses, t)
     record.dap_loss.append(losses)
@@ -358,7 +358,7 @@ def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, task
         train, test = splits[i]
         desc = f"end task {ctx.domains[i]} @ {ctx.domains[t]}"
         seed = ctx.seed_for("finetune", t, i)
-        with ctx.compute.phase(ctx.config.eval):  # "finetune" or "probe"
+        with counted(ctx, ctx.config.eval):  # "finetune" or "probe"
             if ctx.config.eval == "probe":
                 score = probe_and_test(ctx, method.model_for_task(ctx, i), train, test, seed,
                                        desc)
