@@ -10,7 +10,11 @@ padded width s:
 with N_enc the weights of the encoder's linear layers (embedding lookups, biases and LayerNorms
 are not matmuls), the attention term of Kaplan et al. (2020, eq. 2.1: QKᵀ and AV), N_head the
 head's dense and decoder weights (run only on the masked positions, `methods/modeling.py`); 6·N·T
-is one forward and backward pass. Because the hooks see every call, a method's extra passes
+is one forward and backward pass. k is read from `torch.is_grad_enabled()`, so a pass whose
+backward reaches only part of the model (the head warm-up's frozen encoder, the importance's
+gradients to the gates only, a frozen LM under adapters or prompts) counts as a full one: an
+upper bound there. T and s are those the encoder is called with (soft-prompt positions added
+inside the encoder are not in them). Because the hooks see every call, a method's extra passes
 (DAS's views and importance, EWC's Fisher, DER++'s replay forward, a teacher's forward) are
 counted as the method runs them, with no code in the method.
 
