@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
                        "their order")
     table.add_argument("--timings", action="store_true",
                        help="wall time per row (DAP, fine-tuning, total, ratio to ncl) instead")
+    table.add_argument("--compute", action="store_true",
+                       help="the score beside the training compute per row (tokens, PFLOPs per "
+                            "phase, total, ratio to ncl) instead")
     table.add_argument("--dap-loss", action="store_true", dest="dap_loss",
                        help="the DAP training loss at the end of each domain per row instead")
     table.add_argument("--paper-metrics", action="store_true", dest="paper_metrics",
@@ -266,6 +269,10 @@ def command_table(args: argparse.Namespace) -> int:
                 rows += [] if row in rows else [row]
     if args.timings:
         print(render(build_timing_tables(results, rows), args.format, TIMINGS_NOTE))
+    elif args.compute:
+        from benchmark.tables import COMPUTE_NOTE, build_compute_tables
+
+        print(render(build_compute_tables(results, rows), args.format, COMPUTE_NOTE))
     elif args.dap_loss:
         print(render(build_dap_loss_tables(results, rows), args.format, DAP_LOSS_NOTE))
     elif args.mlm:

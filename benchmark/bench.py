@@ -9,9 +9,9 @@ The methods run in one process on the same model, batch and length, alternating 
 das, ...) so that machine noise hits all of them; the figures are medians of `--repeats`, and
 seconds per step are marginal (see FIXED_STEPS).
 
-Model FLOPs, counted by hooks on the encoder and the LM head (so a method's extra passes, views,
-replay or teacher forwards are counted as the method runs them), per call over T tokens of
-padded width s:
+Model FLOPs, counted by hooks on the encoder and the LM head (`benchmark.compute.FlopCounter`,
+the counter every run's compute record uses; so a method's extra passes, views, replay or
+teacher forwards are counted as the method runs them), per call over T tokens of padded width s:
 
     encoder: k · T · (N_enc + 2 · layers · s · d)        k = 6 with gradient, 2 without
     LM head: k · R · N_head                               R = rows the head runs on
@@ -58,11 +58,12 @@ from datasets import Dataset
 from torch import nn
 
 from benchmark.atomic import write_text_atomic
+from benchmark.compute import FlopCounter
 from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
 from benchmark.training import dap_train
 from methods import DapPlan, MethodError, available_methods, build_method
-from methods.modeling import encoder_of, mlm_forward, mlm_head_of
+from methods.modeling import mlm_forward
 
 log = logging.getLogger(__name__)
 
@@ -134,47 +135,6 @@ def random_corpus(rows: int, length: int, vocab_size: int, seed: int = 0) -> Dat
 
 
 # ---------------------------------------------------------------- counting and measuring
-
-class FlopCounter:
-    """Model FLOPs of every encoder and LM-head call (formula in the module docstring)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        encoder, cfg = encoder_of(model), model.config
-        self.n_encoder = sum(m.weight.numel() for m in encoder.modules()
-                             if isinstance(m, nn.Linear))
-        self.n_head = sum(m.weight.numel() for m in mlm_head_of(model).modules()
-                          if isinstance(m, nn.Linear))
-        self.layers, self.width = cfg.num_hidden_layers, cfg.hidden_size
-        self.flops = 0.0
-        self.encoder_flops = 0.0
-        self._handles = [
-            encoder.register_forward_pre_hook(self._on_encoder, with_kwargs=True),
-            mlm_head_of(model).register_forward_pre_hook(self._on_head),
-        ]
-
-    def _on_encoder(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        k = 6 if torch.is_grad_enabled() else 2
-        tokens, width = ids.numel(), ids.shape[-1]
-        flops = k * tokens * (self.n_encoder + 2 * self.layers * width * self.width)
-        self.flops += flops
-        self.encoder_flops += flops
-
-    def _on_head(self, module, args) -> None:
-        rows = args[0].shape[:-1].numel()
-        self.flops += (6 if torch.is_grad_enabled() else 2) * rows * self.n_head
-
-    def reset(self) -> None:
-        self.flops = self.encoder_flops = 0.0
-
-    def one_pass(self, tokens: int, width: int) -> float:
-        """Encoder FLOPs of one pass with gradient over `tokens` tokens of width `width`."""
-        return 6 * tokens * (self.n_encoder + 2 * self.layers * width * self.width)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
 
 class PeakRSS:
     """Highest resident memory of this process while the block runs, sampled every 5 ms."""

@@ -45,6 +45,7 @@ class Context:
     total_steps: int = 0  # DAP steps planned for the domain
     _base: nn.Module | None = None
     run_seed: int | None = None  # the run's seed where `config` is `for_dap()` (fine-tuning)
+    compute: Any = None  # benchmark.compute.Compute of the run (None: nothing counted)
     _corpora: dict[Any, Dataset] = field(default_factory=dict)
 
     @property
@@ -151,7 +152,15 @@ class Context:
                             self.config.mlm_probability, seed, shuffle=shuffle)
         device = self.accelerator.device
         for batch in endless(loader):
+            self.count(batch["input_ids"].numel())
             yield {k: v.to(device) for k, v in batch.items()}
+
+    def count(self, tokens: int, passes: float = 0.0, width: int | None = None) -> None:
+        """Record `tokens` drawn from data in the current compute phase, and `passes` passes
+        with gradient over them that the encoder and head hooks do not see (a model of the
+        method's own); see `benchmark.compute`."""
+        if self.compute is not None:
+            self.compute.count(tokens, passes, width)
 
     def mlm_eval_loss(self, model: nn.Module, data: Dataset, seed: int = 0) -> float:
         """Mean MLM loss of `model` over `data` with fixed masks (no gradient)."""

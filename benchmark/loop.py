@@ -41,6 +41,7 @@ from benchmark.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from benchmark.compute import Compute, counted
 from benchmark.config import ConfigError, RunConfig
 from benchmark.context import Context
 from benchmark.data import tokenize_task
@@ -231,12 +232,16 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
         model, tokenizer, base_seconds = load_base_model(suite, cfg.base_model, cache)
     record = new_record(cfg, suite, names, method, base_seconds, fingerprint(model))
     model.to(accelerator.device)
+    compute = Compute(model, record.compute, reduce=(
+        (lambda x: accelerator.reduce(x.to(accelerator.device), "sum"))
+        if accelerator.num_processes > 1 else None))
     if cfg.head_warmup_steps:
-        record.head_warmup_loss = warm_up_mlm_head(
-            model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
-            cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
-            group_texts=cfg.group_texts)
-    ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir)
+        with compute.phase("head_warmup"):
+            record.head_warmup_loss = warm_up_mlm_head(
+                model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
+                cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
+                group_texts=cfg.group_texts, count=compute.count)
+    ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir, compute)
     method.setup(ctx)
     tasks = [suite.domains[n].task for n in names]
     splits = [(tokenize_task(task.train, tokenizer, cfg.max_length, cfg.pair_input),
@@ -248,6 +253,7 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     record_mlm_losses(ctx, record, 0)
     if stored is not None:
         record = resume_from(stored, ctx, method, record)
+        compute.totals = record.compute  # counted until the checkpoint; counting goes on
 
     for t, name in enumerate(names):
         ctx.t = t
@@ -270,16 +276,18 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
     record.timings["total_s"] = round(time.perf_counter() - started, 3)
     record.final_fingerprint = fingerprint(ctx.model)
     record.finished = True
+    compute.remove()
     return record
 
 
 def context_for(cfg: RunConfig, suite, names: list[str], model, tokenizer,
-                accelerator: Accelerator, run_dir: Path) -> Context:
+                accelerator: Accelerator, run_dir: Path, compute: Compute | None = None
+                ) -> Context:
     """The hooks' context: the DAP-time config (`seed` = `dap_seed` where set), and the run's
     own seed for fine-tuning (`Context.run_seed`)."""
     return Context(config=cfg.for_dap(), suite=suite, domains=names, model=model,
                    tokenizer=tokenizer, accelerator=accelerator, run_dir=run_dir,
-                   _base=copy.deepcopy(model), run_seed=cfg.seed)
+                   _base=copy.deepcopy(model), run_seed=cfg.seed, compute=compute)
 
 
 def resume_from(stored: tuple[Path, dict, RunRecord], ctx: Context, method: Method,
@@ -302,12 +310,15 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     start = time.perf_counter()
     # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
     set_seed(ctx.seed_for("before_domain", t))
-    method.before_domain(ctx, t)
+    with counted(ctx, "method"):
+        method.before_domain(ctx, t)
     plan = method.dap_plan(ctx, t)
-    losses = dap_train(ctx, method, plan, t) if plan is not None else []
+    with counted(ctx, "dap"):
+        losses = dap_train(ctx, method, plan, t) if plan is not None else []
     _crash_point("dap", t)
     set_seed(ctx.seed_for("after_domain", t))
-    method.after_domain(ctx, t)
+    with counted(ctx, "method"):
+        method.after_domain(ctx, t)
     check_finite(ctx, losses, t)
     record.dap_loss.append(losses)
     record.dap_steps.append(plan.steps if plan is not None else 0)
@@ -366,12 +377,14 @@ def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, task
         train, test = splits[i]
         desc = f"end task {ctx.domains[i]} @ {ctx.domains[t]}"
         seed = ctx.seed_for("finetune", t, i)
-        if ctx.config.eval == "probe":
-            score = probe_and_test(ctx, method.model_for_task(ctx, i), train, test, seed, desc)
-        else:
-            score = finetune_and_test(ctx, method.model_for_task(ctx, i), train, test,
-                                      tasks[i].num_labels, seed=seed, desc=desc,
-                                      epochs=tasks[i].epochs)
+        with counted(ctx, ctx.config.eval):  # "finetune" or "probe"
+            if ctx.config.eval == "probe":
+                score = probe_and_test(ctx, method.model_for_task(ctx, i), train, test, seed,
+                                       desc)
+            else:
+                score = finetune_and_test(ctx, method.model_for_task(ctx, i), train, test,
+                                          tasks[i].num_labels, seed=seed, desc=desc,
+                                          epochs=tasks[i].epochs)
         mf1, acc, seconds, collapsed = score
         if collapsed:
             log.warning("%s: every test prediction is one class (MF1 %.2f): marked collapsed",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark.compute import uncounted
 from benchmark.data import task_collate
 from benchmark.metrics import accuracy, macro_f1
 from benchmark.training import CellScore
@@ -57,8 +59,9 @@ MACRO_F1 = make_scorer(f1_score, average="macro")
 
 @torch.no_grad()
 def embed(encoder: nn.Module, data: Dataset, pad_id: int, pooling: str, device: torch.device,
-          desc: str = "embedding") -> np.ndarray:
-    """One vector per example of tokenised `data` (rows in their order), the encoder frozen.
+          desc: str = "embedding", count: Callable[[int], None] | None = None) -> np.ndarray:
+    """One vector per example of tokenised `data` (rows in their order), the encoder frozen;
+    `count` is told the tokens of every batch.
 
     Examples are batched by length (little padding), then put back in order."""
     was_training = encoder.training
@@ -71,6 +74,8 @@ def embed(encoder: nn.Module, data: Dataset, pad_id: int, pooling: str, device: 
     for start in tqdm(range(0, len(order), EMBED_BATCH), desc=desc, leave=False):
         batch = collate([rows[int(j)] for j in order[start:start + EMBED_BATCH]])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if count is not None:
+            count(ids.numel())
         output = encoder(input_ids=ids, attention_mask=mask)
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         if pooling == "first":
@@ -107,8 +112,10 @@ def probe_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, seed:
     start = time.perf_counter()
     pad_id, pooling = ctx.tokenizer.pad_token_id, ctx.config.probe_pooling
     device = ctx.accelerator.device
-    x_train = embed(encoder, train, pad_id, pooling, device, f"{desc} (train)")
-    x_test = embed(encoder, test, pad_id, pooling, device, f"{desc} (test)")
+    x_train = embed(encoder, train, pad_id, pooling, device, f"{desc} (train)",
+                    getattr(ctx, "count", None))
+    with uncounted(ctx):  # evaluation is not training compute
+        x_test = embed(encoder, test, pad_id, pooling, device, f"{desc} (test)")
     embedded = time.perf_counter()
     y_train, gold = np.asarray(train["label"]), [int(y) for y in test["label"]]
     classifier = fit_probe(x_train, y_train, seed)

@@ -5,7 +5,8 @@ writes it through `save`; `tables.py` reads records through `load`, never raw di
 before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
 get their defaults (`base_fingerprint: None`: θ0 unknown; `protocol: "finetune"`, the only one
 before schema 3; `collapsed`: None in every cell, not recorded; `base_name`, `kernels` and
-`final_fingerprint`: None, not recorded, as in every file made before 2026-12-08).
+`final_fingerprint`: None, `mlm_loss` and `compute`: empty, not recorded, as in every file made
+before 2026-12-08).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class RunRecord:
     mlm_loss: list[list[float]] = field(default_factory=list)
     head_warmup_loss: list[float] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
+    # per phase (head_warmup, method, dap, finetune | probe): {"tokens": int, "flops": float},
+    # counted as the run spends them (benchmark/compute.py); {}: not recorded (before 2026-12-08)
+    compute: dict[str, dict[str, float]] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
     finished: bool = False
     schema: int = SCHEMA
@@ -151,9 +155,18 @@ _TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
     "head_warmup_loss": (_numbers, "a list of numbers"),
     "mlm_loss": (lambda v: isinstance(v, list) and all(_numbers(r) for r in v),
                  "a list of lists of numbers"),
+    "compute": (lambda v: _compute_ok(v), "a mapping of phase to {tokens, flops}"),
     "resumed_at": (lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
                    "a list of integers"),
 }
+
+
+def _compute_ok(value: Any) -> bool:
+    """`compute`: phase names mapped to {"tokens": integer, "flops": number}, both >= 0."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) == {"tokens", "flops"}
+        and _is_int(v["tokens"]) and v["tokens"] >= 0 and _is_number(v["flops"])
+        and v["flops"] >= 0 for k, v in value.items())
 
 
 def _problem(record: RunRecord) -> str | None:

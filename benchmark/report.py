@@ -170,6 +170,11 @@ def build_report(runs: Path, out: Path, rows: list[str] | None = None,
                                                      PAPER_NOTE)),
         ("Orders pooled", _tables_html(build_pooled_tables(results, rows), POOLED_NOTE)),
     ]
+    if any(r.get("compute") for r in results):  # the score beside the compute spent on it
+        from benchmark.tables import COMPUTE_NOTE, build_compute_tables
+
+        sections.append(("Compute", _tables_html(build_compute_tables(results, rows),
+                                                 COMPUTE_NOTE)))
     if vs:
         sections.append((f"Against {vs}", _tables_html(build_vs_tables(results, vs, rows),
                                                        vs_note(vs))))

@@ -244,6 +244,69 @@ def build_timing_tables(
     return tables
 
 
+# -- compute: tokens and training FLOPs per phase beside the score (benchmark/compute.py) ------
+
+COMPUTE_NOTE = (
+    "Tokens: the tokens of the batches each phase drew from its data (padding included). "
+    "PFLOPs: model FLOPs (10^15) counted as the run spent them, by hooks on the encoder and the "
+    "LM head (6 per weight and token with gradient, 2 without, plus attention; the formula of "
+    "`bench`): DAP = the DAP steps with every pass a method makes in them (views, replay, a "
+    "teacher); method = its passes before and after each domain (importance, Fisher, buffer "
+    "filling); end task = fine-tuning or the probe's embedding of the training split; total "
+    "adds the MLM-head warm-up where one runs. θ0's own pretraining and evaluation are not "
+    "counted. × ncl: DAP + method PFLOPs over ncl's (the cost of continual pre-training). "
+    "Mean over seeds; –: not recorded (runs made before 2026-12-08).")
+
+
+def _compute_mean(runs: list[dict], phases: tuple[str, ...], key: str) -> float | None:
+    """Mean over the runs that record compute of `key` summed over `phases` (None: none do)."""
+    values = [sum(float(r["compute"].get(p, {}).get(key, 0)) for p in phases)
+              for r in runs if r.get("compute")]
+    return float(np.mean(values)) if values else None
+
+
+def build_compute_tables(
+    results: list[dict], rows: list[str] | None = None, metric: str = "mf1"
+) -> list[tuple[str, pd.DataFrame]]:
+    """Per row, the score (average of the last row of A) beside the compute spent to get it:
+    DAP tokens and PFLOPs, the method's extra passes, the end-task phase, the total and its
+    ratio to ncl's; mean over seeds."""
+    from benchmark.compute import PHASES
+
+    def pflops(value: float | None) -> str:
+        return "–" if value is None else f"{value / 1e15:.3g}"
+
+    def tokens(value: float | None) -> str:
+        return "–" if value is None else f"{value:,.0f}"
+
+    tables = []
+    for (suite, profile, order, _), by_row, wanted in _table_groups(results, rows):
+        cpt = {row: _compute_mean(runs, ("dap", "method"), "flops")
+               for row, runs in by_row.items()}
+        records = []
+        for row in wanted:
+            runs = by_row[row]
+            total = _compute_mean(runs, PHASES, "flops")
+            reference = cpt.get("ncl")
+            records.append({
+                "method": row, "seeds": len(runs),
+                f"Avg {METRICS[metric]}": _cell([float(np.mean(final_row(r[metric])))
+                                                 for r in sorted(runs, key=lambda r: r["seed"])]),
+                "DAP tokens": tokens(_compute_mean(runs, ("dap",), "tokens")),
+                "DAP PFLOPs": pflops(_compute_mean(runs, ("dap",), "flops")),
+                "method PFLOPs": pflops(_compute_mean(runs, ("method",), "flops")),
+                "end-task PFLOPs": pflops(_compute_mean(runs, ("finetune", "probe"), "flops")),
+                "total PFLOPs": pflops(total),
+                "total tokens": tokens(_compute_mean(runs, PHASES, "tokens")),
+                "× ncl": (f"{cpt[row] / reference:.2f}" if cpt[row] is not None and reference
+                          else "–"),
+            })
+        heading = (f"{suite} ({profile}), order {order}: score and training compute per run, "
+                   "mean over seeds")
+        tables.append((heading, pd.DataFrame.from_records(records)))
+    return tables
+
+
 def final_dap_loss(losses: list[float], steps: int, share: float = 0.2) -> float | None:
     """Mean of a domain's DAP losses recorded in its last `share` of steps (None: no DAP); a
     list too sparse to have one there gives the last `share` of its entries."""

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from benchmark.compute import uncounted
 from benchmark.data import endless, mlm_loader, task_collate
 from benchmark.metrics import accuracy, macro_f1
 from benchmark.schedule import dap_schedule
@@ -123,8 +125,10 @@ def train_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_si
               lr: float, max_length: int, seed: int, params: list[nn.Parameter] | None = None,
               weight_decay: float = 0.01, mlm_probability: float = 0.15,
               max_grad_norm: float | None = 1.0, desc: str = "MLM",
-              group_texts: bool = False) -> list[float]:
-    """Plain MLM training of `params` (default: all), deterministic for a seed; the losses."""
+              group_texts: bool = False,
+              count: Callable[[int], None] | None = None) -> list[float]:
+    """Plain MLM training of `params` (default: all), deterministic for a seed; the losses
+    (`count` is told the tokens of every batch)."""
     from benchmark.data import dap_sequences
 
     set_seed(seed)
@@ -136,7 +140,10 @@ def train_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_si
     device = next(model.parameters()).device
     losses: list[float] = []
     for step in tqdm(range(steps), desc=desc, leave=False):
-        loss = mlm_forward(model, {k: v.to(device) for k, v in next(batches).items()}).loss
+        batch = next(batches)
+        if count is not None:
+            count(batch["input_ids"].numel())
+        loss = mlm_forward(model, {k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -159,7 +166,8 @@ def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch
 
 def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
                      batch_size: int, lr: float, max_length: int, mlm_probability: float,
-                     seed: int = 0, group_texts: bool = False) -> list[float]:
+                     seed: int = 0, group_texts: bool = False,
+                     count: Callable[[int], None] | None = None) -> list[float]:
     """Train only the LM head's own weights on `corpus`, the encoder frozen; return the losses.
 
     For a checkpoint shipped without an MLM head (all-MiniLM-L6-v2), so that DAP does not begin
@@ -179,7 +187,7 @@ def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
         losses = train_mlm(model, tokenizer, corpus, steps, batch_size, lr, max_length, seed,
                            params=head, weight_decay=0.0, mlm_probability=mlm_probability,
                            max_grad_norm=None, desc="MLM head warm-up",
-                           group_texts=group_texts)
+                           group_texts=group_texts, count=count)
     for p, flag in trainable.items():
         p.requires_grad_(flag)
     return losses
@@ -288,9 +296,12 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     acc: Accelerator = ctx.accelerator
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     model.train()
+    count = getattr(ctx, "count", None)
     for _ in tqdm(range(epochs), desc=desc, leave=False,
                   disable=not acc.is_local_main_process):
         for batch in loader:
+            if count is not None:  # the tokens of every process's share
+                count(batch["input_ids"].numel() * acc.num_processes)
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             loss = nn.functional.cross_entropy(logits, batch["labels"])
@@ -302,7 +313,7 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     predictions, gold = [], []
     test_loader = acc.prepare(DataLoader(test.with_format(None), batch_size=64,
                                          collate_fn=collate))
-    with torch.no_grad():
+    with torch.no_grad(), uncounted(ctx):  # evaluation is not training compute
         for batch in test_loader:
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits

@@ -13,7 +13,9 @@ Its cost: T (T + 1) / 2 times `dap_steps` DAP steps in all, against T times for 
 against 6 domain budgets for T = 6, 3.5 times ncl's DAP compute. syn6 default: 21 × 100 =
 2,100 steps (ncl: 600); real6 default: 21 × 60 = 1,260 steps of batch 16 (ncl: 360), its probe
 profile 21 × 140 = 2,940 (ncl: 840), so 3.5 times ncl's DAP hours on a CPU; das6: 21 × 2,580 =
-54,180 steps of batch 248. Meant for syn6: the grid `syn6-baselines` runs it there.
+54,180 steps of batch 248. Meant for syn6: the grid `syn6-baselines` runs it there. The budget
+is recorded per domain in `dap_steps` ((t + 1) · `dap_steps`) and in tokens and FLOPs in the
+record's `compute["dap"]` (`table --compute`: × ncl ≈ 3.5 at T = 6).
 """
 
 from datasets import concatenate_datasets

@@ -1,4 +1,10 @@
-"""`one` (DAP-RoBERTa): each domain DAP-trained on its own, from θ0; task i uses model i."""
+"""`one` (DAP-RoBERTa): each domain DAP-trained on its own, from θ0; task i uses model i.
+
+Budget: `dap_steps` steps of `dap_batch_size` per domain, T × `dap_steps` in all, the same DAP
+tokens and FLOPs as `ncl` (recorded per domain in `dap_steps` and in total in the record's
+`compute["dap"]`); past tasks are not fine-tuned again (their models do not change), so its
+end-task compute is T fine-tunings against ncl's T (T + 1) / 2 (`eval_matrix: full`).
+"""
 
 from methods import Method, register
 from methods.modeling import copy_weights

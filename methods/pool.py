@@ -1,7 +1,9 @@
 """`pool`: DAP-train once on the union of all domains' corpora; an upper-bound style reference.
 
 The pooled model is trained before the first end task with the budget of all domains together
-(T × `dap_steps`), so every task sees the same model and the forgetting rate is zero.
+(T × `dap_steps`), so every task sees the same model and the forgetting rate is zero. Its DAP
+budget equals `ncl`'s (T × `dap_steps` steps of `dap_batch_size`, the same tokens and FLOPs),
+recorded as `dap_steps` [T × `dap_steps`, 0, …] and in the record's `compute["dap"]`.
 """
 
 from datasets import concatenate_datasets

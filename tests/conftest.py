@@ -17,7 +17,7 @@ import benchmark.compat  # noqa: E402, F401  (before any test imports transforme
 FAST = ("--dap-steps", "3", "--ft-epochs", "1")
 # what a resumed run must give exactly as an uninterrupted one
 NUMBERS = ("mf1", "acc", "dap_loss", "general_mlm_loss", "dap_steps", "base_fingerprint",
-           "mlm_loss")
+           "mlm_loss", "compute")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -301,11 +301,13 @@ def _malform(kind: str) -> dict:
         rec["config"] = None
     elif kind == "acc short":
         rec["acc"][1] = [1.0]
+    elif kind == "compute damaged":
+        rec["compute"] = {"dap": {"tokens": "many", "flops": 1.0}}
     return rec
 
 
 MALFORMED = ["short row", "missing row", "null cell", "mf1 null", "string number",
-             "string schema", "extra cell", "config null", "acc short"]
+             "string schema", "extra cell", "config null", "acc short", "compute damaged"]
 
 
 def _skipped(caplog, path: Path) -> list[str]:
@@ -322,7 +324,7 @@ def test_a_malformed_result_is_skipped_by_every_table_naming_it(tmp_path, capsys
     _write_runs(runs, GOOD)
     bad = _write_runs(runs, [_malform(kind)])[0]
     for view in ([], ["--pooled"], ["--diagonal"], ["--paper-metrics"], ["--timings"],
-                 ["--dap-loss"], ["--vs", "ncl"]):
+                 ["--dap-loss"], ["--vs", "ncl"], ["--compute"]):
         caplog.clear()
         assert main(["table", "--runs", str(good), *view]) == 0
         expected = capsys.readouterr().out
