@@ -39,7 +39,7 @@ class RunRecord:
     config: dict[str, Any]  # the resolved RunConfig
     versions: dict[str, Any] = field(default_factory=dict)  # python and package versions
     git_commit: str | None = None
-    threads: int | None = None  # torch threads of the run (does not move its numbers)
+    threads: int | None = None  # torch threads of the run (they can move the last bits)
     cpu: str | None = None  # loop.cpu_description() (None: not recorded, before 2026-12-01)
     base_fingerprint: str | None = None  # sha256 of θ0's state dict (None: unknown, schema 1)
     # the shipped θ0 (benchmark/theta0/manifest.json) with that fingerprint; None: not a shipped

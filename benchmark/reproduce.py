@@ -120,6 +120,8 @@ def _kernels(setting: dict[str, Any] | None) -> str:
 
 
 def command_reproduce(args: argparse.Namespace) -> int:
+    import torch
+
     from benchmark.basemodel import fingerprint, load_base_model
     from benchmark.config import RunConfig, validate
     from benchmark.kernels import kernel_setting
@@ -151,6 +153,11 @@ def command_reproduce(args: argparse.Namespace) -> int:
             recorded.kernels.get("pinned") else "rerun without --pin-kernels and CDAP_PIN_KERNELS"
         print(f"note: the result was made with kernels {_kernels(recorded.kernels)}, this "
               f"process runs {_kernels(now)}; {how} to match them")
+    if recorded.threads and recorded.threads != torch.get_num_threads():
+        # intra-op threads split reductions differently: the rerun uses the recorded count
+        print(f"note: the result was made with {recorded.threads} thread(s); the rerun uses "
+              f"{recorded.threads} (this process had {torch.get_num_threads()})")
+        torch.set_num_threads(recorded.threads)
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         fresh = RunRecord.from_dict(run(cfg, suite, out, overwrite=True, cache=args.cache_dir))
