@@ -245,6 +245,14 @@ def convert(value: Any, hint: Any) -> Any:
     return value
 
 
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as a result recorded it, completed with the options added since whose class
+    default is not what the code that made it did: `importance_batch_size` (added 2026-12-08;
+    before, the importance batches were DAP batches)."""
+    added = {"importance_batch_size": config.get("dap_batch_size")}
+    return {**{k: v for k, v in added.items() if v is not None and k not in config}, **config}
+
+
 def validate(cls: type, values: dict[str, Any], source: str, what: str = "") -> Any:
     """An instance of the dataclass `cls` from `values`, each converted to its declared type and
     checked; a bad key or value raises `ConfigError` naming `source` and the key."""

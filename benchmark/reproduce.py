@@ -123,7 +123,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
     import torch
 
     from benchmark.basemodel import fingerprint, load_base_model
-    from benchmark.config import RunConfig, validate
+    from benchmark.config import RunConfig, recorded_config, validate
     from benchmark.kernels import kernel_setting
     from benchmark.loop import run
     from benchmark.record import RunRecord, load
@@ -136,7 +136,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
     if not recorded.base_fingerprint:
         raise Refused(f"{path}: records no θ0 fingerprint (made before result schema 2), so "
                       "the rerun's θ0 cannot be checked against it")
-    cfg = validate(RunConfig, recorded.config, str(path), "config: ")
+    cfg = validate(RunConfig, recorded_config(recorded.config), str(path), "config: ")
     suite = load_suite(cfg.suite, cfg.profile, data_dir=args.data_dir)
     model, _, _ = load_base_model(suite, cfg.base_model, args.cache_dir)
     here = fingerprint(model)

@@ -262,3 +262,15 @@ def test_reproduce_the_committed_tiny_row(capsys):
         assert code == 0 and "reproduced bit for bit" in out, out
     else:
         assert code in (0, 1) and "bit for bit" in out, out
+
+
+def test_a_recorded_config_gets_the_values_its_code_used_for_options_added_since():
+    """Results made before `importance_batch_size` existed took importance batches of the DAP
+    batch size: reproducing one must not take the class default (100) instead."""
+    from benchmark.config import RunConfig, recorded_config, validate
+
+    old = {"method": "das", "dap_batch_size": 64}
+    assert validate(RunConfig, recorded_config(old), "r").importance_batch_size == 64
+    assert validate(RunConfig, old, "r").importance_batch_size == 100  # what went wrong
+    new = {**old, "importance_batch_size": 32}
+    assert recorded_config(new) == new
