@@ -53,13 +53,19 @@ def same_numbers(a: dict, b: dict) -> None:
         assert a[key] == b[key], key
 
 
+
+def not_rebuilt(stderr: str) -> bool:
+    """θ0 came from the shipped file or the session's cache, not pretrained again."""
+    return "loaded the shipped base model" in stderr or "reusing cached base model" in stderr
+
+
 def test_a_real_kill_9_resumes_to_the_same_numbers(tmp_path, reference):
     # the one test with a real SIGKILL, in a subprocess: after the second domain's checkpoint
     # and before its progress was written
     killed = tmp_path / "c"
     crash = cli(killed, env={"CDAP_CRASH_AT": "checkpoint:1"})
     assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
-    assert "reusing cached base model" in crash.stderr  # the session's θ0, not a rebuild
+    assert not_rebuilt(crash.stderr)
     run_dir = killed / RUN_DIR
     assert not (run_dir / "result.json").exists()
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
@@ -79,7 +85,7 @@ def test_a_real_ctrl_c_is_one_line_and_resume_ends_with_the_same_numbers(tmp_pat
     out = tmp_path / "i"
     proc = cli(out, env={"CDAP_CRASH_AT": "finetune:1", "CDAP_CRASH_SIGNAL": "INT"})
     assert proc.returncode == 130, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "reusing cached base model" in proc.stderr
+    assert "Traceback" not in proc.stderr and not_rebuilt(proc.stderr)
     assert "--resume" in proc.stderr.strip().splitlines()[-1]
     assert main(args(out, "--resume")) == 0
     assert result(out)["resumed_at"] == [2]
