@@ -55,6 +55,7 @@ from transformers import (
 from benchmark.atomic import atomic_path, read_json, write_json_atomic
 from benchmark.config import ConfigError, cache_root
 from benchmark.kernels import kernel_setting
+from tasks.files import sha256_file
 
 log = logging.getLogger(__name__)
 # bumped when the way syn-base is built changes, so older cached builds are not reused
@@ -208,14 +209,6 @@ def shipped_used(suite) -> bool:
     return use_shipped() and shipped_for(suite) is not None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_shipped(suite, name: str, entry: dict[str, Any], folder: Path = SHIPPED):
     """(model, tokenizer) from the shipped file, checked against both recorded hashes.
 
@@ -225,7 +218,7 @@ def load_shipped(suite, name: str, entry: dict[str, Any], folder: Path = SHIPPED
 
     path = folder / entry["file"]
     damaged = f"shipped base model θ0 {name} ({path})"
-    if not path.is_file() or _file_sha256(path) != entry["file_sha256"]:
+    if not path.is_file() or sha256_file(path) != entry["file_sha256"]:
         raise ConfigError(f"{damaged} is missing or damaged: reinstall the package, or set "
                           f"{SHIPPED_ENV}=build to pretrain θ0 here")
     tokenizer = word_tokenizer(suite.vocabulary)
@@ -253,7 +246,7 @@ def write_shipped(model: torch.nn.Module, suite, name: str, folder: Path) -> dic
         save_model(model, str(tmp))
     entry = {"file": path.name, "suite": suite.name, "profile": suite.profile,
              "key": build_key(suite), "build": BUILD, "sha256": fingerprint(model),
-             "file_sha256": _file_sha256(path), "bytes": path.stat().st_size,
+             "file_sha256": sha256_file(path), "bytes": path.stat().st_size,
              "cpu": cpu_description(), "kernels": kernel_setting(),
              "torch": torch.__version__}
     manifest = {**shipped_manifest(folder), name: entry}

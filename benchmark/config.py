@@ -245,12 +245,26 @@ def convert(value: Any, hint: Any) -> Any:
     return value
 
 
-def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+# method options whose default changed to the reference's form: what a record made before
+# them (a record without `kernels`, a field added with them) ran
+EARLIER_METHOD_ARGS: dict[str, dict[str, Any]] = {
+    "hat": {"form": "binary", "anneal": "domain"}, "derpp": {"replay_batches": "two"},
+    **{name: {"ft_train_lm": True} for name in (
+        "adapter-one", "ncl-adapter", "lora-one", "ncl-lora", "prompt-one", "demix")},
+}
+
+
+def recorded_config(config: dict[str, Any], earlier: bool = False) -> dict[str, Any]:
     """A config as a result recorded it, completed with the options added since whose class
-    default is not what the code that made it did: `importance_batch_size` (added 2026-12-08;
-    before, the importance batches were DAP batches)."""
+    default is not what the code that made it did: `importance_batch_size` (before it, the
+    importance batches were DAP batches) and, for a record made before the reference forms
+    became the defaults (`earlier`), the method options of `EARLIER_METHOD_ARGS`."""
     added = {"importance_batch_size": config.get("dap_batch_size")}
-    return {**{k: v for k, v in added.items() if v is not None and k not in config}, **config}
+    config = {**{k: v for k, v in added.items() if v is not None and k not in config}, **config}
+    if earlier and config.get("method") in EARLIER_METHOD_ARGS:
+        method_args = {**EARLIER_METHOD_ARGS[config["method"]], **config.get("method_args", {})}
+        config = {**config, "method_args": method_args}
+    return config
 
 
 def validate(cls: type, values: dict[str, Any], source: str, what: str = "") -> Any:

@@ -42,7 +42,7 @@ from benchmark.checkpoint import (
     verify_checkpoint,
 )
 from benchmark.compute import Compute, counted
-from benchmark.config import ConfigError, RunConfig
+from benchmark.config import ConfigError, RunConfig, recorded_config
 from benchmark.context import Context
 from benchmark.data import tokenize_task
 from benchmark.kernels import kernel_setting
@@ -113,7 +113,7 @@ def _crash_point(stage: str, t: int) -> None:
 
 def check_same_config(cfg: RunConfig, record: RunRecord, where: Path) -> None:
     """Refuse to continue or report a stored run made with another config, naming the keys."""
-    stored, asked = record.config, cfg.to_dict()
+    stored, asked = recorded_config(record.config), cfg.to_dict()
     default = RunConfig().to_dict()
     differ = [k for k in asked if stored.get(k, default[k]) != asked[k]]
     if differ:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # the recorded numbers `reproduce` compares; timings, versions and paths may differ
 COMPARED = ("mf1", "acc", "collapsed", "dap_loss", "dap_steps", "general_mlm_loss",
-            "head_warmup_loss", "final_fingerprint")
+            "head_warmup_loss", "mlm_loss", "final_fingerprint")
 
 
 class Refused(Exception):
@@ -125,7 +125,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
     from benchmark.basemodel import fingerprint, load_base_model
     from benchmark.config import RunConfig, recorded_config, validate
     from benchmark.kernels import kernel_setting
-    from benchmark.loop import run
+    from benchmark.loop import run, run_dir_for
     from benchmark.record import RunRecord, load
     from tasks import load_suite
 
@@ -136,7 +136,8 @@ def command_reproduce(args: argparse.Namespace) -> int:
     if not recorded.base_fingerprint:
         raise Refused(f"{path}: records no θ0 fingerprint (made before result schema 2), so "
                       "the rerun's θ0 cannot be checked against it")
-    cfg = validate(RunConfig, recorded_config(recorded.config), str(path), "config: ")
+    cfg = validate(RunConfig, recorded_config(recorded.config, earlier=recorded.kernels is None),
+                   str(path), "config: ")
     suite = load_suite(cfg.suite, cfg.profile, data_dir=args.data_dir)
     model, _, _ = load_base_model(suite, cfg.base_model, args.cache_dir)
     here = fingerprint(model)
@@ -158,6 +159,9 @@ def command_reproduce(args: argparse.Namespace) -> int:
         print(f"note: the result was made with {recorded.threads} thread(s); the rerun uses "
               f"{recorded.threads} (this process had {torch.get_num_threads()})")
         torch.set_num_threads(recorded.threads)
+    if args.out and run_dir_for(Path(args.out), cfg).resolve() == path.parent.resolve():
+        raise Refused(f"--out {args.out}: the rerun would overwrite {path} itself; give "
+                      "another folder")
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         fresh = RunRecord.from_dict(run(cfg, suite, out, overwrite=True, cache=args.cache_dir))
@@ -185,8 +189,8 @@ def differences(recorded: Any, fresh: Any) -> list[str]:
     lines = []
     for name in COMPARED:
         old, new = getattr(recorded, name), getattr(fresh, name)
-        if name == "final_fingerprint" and old is None:  # not recorded: nothing to compare
-            continue
+        if name == "final_fingerprint" and old is None or name == "mlm_loss" and not old:
+            continue  # not recorded (files made before the field): nothing to compare
         for index, a, b in _cells(old, new):
             if name == "collapsed" and a is None:  # not recorded (files before schema 3)
                 continue

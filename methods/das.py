@@ -9,7 +9,7 @@ t, the MLM loss gives the domain's importance, accumulated by element-wise max. 
 express the paper's ablations (RQ3–RQ5).
 
 DAS as published vs as released. The authors' companion code (GitHub UIC-Liu-Lab/ContinualLM,
-commit 57e498c) differs from the method as the paper and ../shared/spec/METHODS.md describe it in
+commit 57e498c) differs from the method as the paper describes it (Ke et al. 2023, §3) in
 seven places; each is an argument here whose default is the published form, so any mix runs
 (the preset `das-companion` sets all seven; the seventh, no clipping, is the run default):
 

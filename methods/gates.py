@@ -118,7 +118,7 @@ def gate_gradients(gates: UnitGates, loss_fn: Callable[[dict[str, Tensor]], Tens
                    batches: Iterable[dict[str, Tensor]], form: str = "abs") -> Importance:
     """∂L/∂g per unit over batches, aggregated by `form`:
 
-    - "abs": the mean over batches of |∂L/∂g| (the paper, and ../shared/spec/METHODS.md);
+    - "abs": the mean over batches of |∂L/∂g| (the paper, §3.1);
     - "signed": the mean over batches of the signed ∂L/∂g;
     - "companion-cumulative": as the companion code aggregates (ContinualLM 57e498c,
       `networks/baselines/softmask.py` l.77-98): the gate's `.grad` is never zeroed between

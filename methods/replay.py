@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from benchmark.config import below_one
 from benchmark.data import MLMCollator
 from methods import Method, knob, register
 from methods.modeling import MLMOutput, mlm_forward
@@ -56,14 +57,10 @@ from methods.modeling import MLMOutput, mlm_forward
 log = logging.getLogger(__name__)
 
 
-def replay_share(value: float) -> str | None:
-    return None if 0 <= value < 1 else "must be a share in [0, 1)"
-
-
 @dataclass
 class Args:
     # r: the share of every DAP batch replayed (Ibrahim et al. 2024 study 1, 5, 25 %)
-    share: float = knob(0.05, check=replay_share)
+    share: float = knob(0.05, check=below_one)
     # what is replayed: general text, the earlier domains' corpora, or half of each
     source: Literal["general", "past", "both"] = "general"
 

@@ -1,6 +1,6 @@
 """`syn6`: a synthetic, controlled continual-DAP world that runs offline on a CPU in minutes.
 
-The world (see shared/spec/SYNTHETIC.md):
+The world:
 - a general vocabulary of nouns in hidden *types*, each type with its own adjective group; the
   general corpus describes nouns with their type's adjectives and pretrains `syn-base`;
 - six domains named after the paper's, each with its own entities drawn from one shared name

@@ -79,7 +79,7 @@ def test_a_damaged_shipped_file_is_refused_naming_it(tiny_suite, tmp_path):
     with pytest.raises(ConfigError, match=f"{name}.*damaged"):
         basemodel.load_shipped(tiny_suite, name, entry, folder)
     # a manifest whose fingerprint is not the weights' (the file hash updated with the bytes)
-    entry = {**entry, "file_sha256": basemodel._file_sha256(folder / entry["file"])}
+    entry = {**entry, "file_sha256": basemodel.sha256_file(folder / entry["file"])}
     with pytest.raises(ConfigError, match="do not match the manifest's fingerprint"):
         basemodel.load_shipped(tiny_suite, name, entry, folder)
 
@@ -243,6 +243,16 @@ def test_reproduce_refuses_a_result_from_another_theta0(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "ca5e9c4d0000" in err and "another experiment" in err
 
 
+def test_reproduce_refuses_to_overwrite_the_result_it_reruns(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    path = runs / "syn6-tiny" / "ncl" / "order0" / "seed2021" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(COMMITTED.read_text())
+    assert main(["reproduce", str(path), "--out", str(runs)]) == 2
+    assert "would overwrite" in capsys.readouterr().err
+    assert path.read_text() == COMMITTED.read_text()
+
+
 @pytest.mark.slow
 def test_reproduce_the_committed_tiny_row(capsys):
     """What CI runs. The row was made with the command line's default, kernels pinned to AVX2,
@@ -268,9 +278,19 @@ def test_a_recorded_config_gets_the_values_its_code_used_for_options_added_since
     """Results made before `importance_batch_size` existed took importance batches of the DAP
     batch size: reproducing one must not take the class default (100) instead."""
     from benchmark.config import RunConfig, recorded_config, validate
+    from methods import build_method
 
     old = {"method": "das", "dap_batch_size": 64}
     assert validate(RunConfig, recorded_config(old), "r").importance_batch_size == 64
     assert validate(RunConfig, old, "r").importance_batch_size == 100  # what went wrong
     new = {**old, "importance_batch_size": 32}
     assert recorded_config(new) == new
+    # a record made before the reference forms became the defaults ran the earlier ones
+    for method, option, value in (("hat", "form", "binary"), ("derpp", "replay_batches", "two"),
+                                  ("adapter-one", "ft_train_lm", True)):
+        earlier = recorded_config({"method": method, "method_args": {}}, earlier=True)
+        args = build_method(method, earlier["method_args"]).args
+        assert getattr(args, option) == value
+        assert getattr(build_method(method, {}).args, option) != value  # today's default
+    given = {"method": "hat", "method_args": {"form": "paper"}}
+    assert recorded_config(given, earlier=True)["method_args"]["form"] == "paper"
