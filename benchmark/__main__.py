@@ -299,10 +299,9 @@ def _mlm_table(results: list[dict], rows: list[str] | None, vs: str | None, fmt:
     from benchmark.tables import (
         MLM_NOTE,
         build_mlm_tables,
-        build_vs_tables,
+        build_mlm_vs_tables,
         mlm_vs_note,
         render,
-        with_mlm_matrix,
     )
 
     tables = build_mlm_tables(results, rows)
@@ -311,8 +310,7 @@ def _mlm_table(results: list[dict], rows: list[str] | None, vs: str | None, fmt:
                          "2026-12-08 have none)")
     print(render(tables, fmt, MLM_NOTE))
     if vs:
-        print(render(build_vs_tables(with_mlm_matrix(results), vs, rows, "mlm",
-                                     "held-out MLM loss", digits=3), fmt, mlm_vs_note(vs)))
+        print(render(build_mlm_vs_tables(results, vs, rows), fmt, mlm_vs_note(vs)))
 
 
 def _check_row(row: str | None, results: list[dict], runs: str) -> None:

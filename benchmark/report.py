@@ -115,21 +115,14 @@ dt { font-weight: bold; } dd { margin-bottom: 0.4em; }
 def _mlm_sections(results: list[dict], rows: list[str] | None,
                   vs: str | None) -> list[tuple[str, str]]:
     """The held-out MLM-loss view (`table --mlm`), where any run recorded the matrix."""
-    from benchmark.tables import (
-        MLM_NOTE,
-        build_mlm_tables,
-        build_vs_tables,
-        mlm_vs_note,
-        with_mlm_matrix,
-    )
+    from benchmark.tables import MLM_NOTE, build_mlm_tables, build_mlm_vs_tables, mlm_vs_note
 
     tables = build_mlm_tables(results, rows)
     if not tables:
         return []
     sections = [("Held-out MLM loss (the LM's own forgetting)", _tables_html(tables, MLM_NOTE))]
     if vs:
-        against = build_vs_tables(with_mlm_matrix(results), vs, rows, "mlm",
-                                  "held-out MLM loss", digits=3)
+        against = build_mlm_vs_tables(results, vs, rows)
         if against:
             sections.append((f"Held-out MLM loss against {vs}",
                              _tables_html(against, mlm_vs_note(vs))))

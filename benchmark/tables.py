@@ -668,6 +668,13 @@ def with_mlm_matrix(results: list[dict]) -> list[dict]:
             if (matrix := mlm_matrix(res)) is not None]
 
 
+def build_mlm_vs_tables(results: list[dict], reference: str,
+                        rows: list[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """`--mlm --vs ROW`: each row's average held-out MLM loss against `reference`."""
+    return build_vs_tables(with_mlm_matrix(results), reference, rows, "mlm",
+                           "held-out MLM loss", digits=3)
+
+
 MLM_NOTE = (
     "L[t][i]: the masked-LM loss (fixed masks) of the model after DAP-training domain t on "
     "domain i's held-out text, which no DAP batch draws (syn6: extra corpus sentences from a "

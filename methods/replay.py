@@ -40,7 +40,6 @@ records the rows and tokens trained per source.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from benchmark.atomic import read_json
 from benchmark.config import below_one
 from benchmark.data import MLMCollator
 from methods import Method, knob, register
@@ -187,7 +187,7 @@ class Replay(Method):
     def after_domain(self, ctx, t: int) -> None:
         """Append to `artifacts/replay.json` the rows and tokens domain t trained per source."""
         path = ctx.artifacts_dir / "replay.json"
-        record = json.loads(path.read_text()) if path.exists() else {}
+        record = read_json(path) if path.exists() else {}
         record["share"], record["source"] = self.args.share, self.args.source
         record["replayed_rows_per_step"] = replay_rows(self.args.share, ctx.config.dap_batch_size)
         names = ["current", "general", *ctx.domains[:t]]
