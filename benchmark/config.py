@@ -123,8 +123,12 @@ class RunConfig:
     importance_batch_size: int = knob(100, "sequences per batch of the DAS/DGA unit-importance "
                                       "passes (the reference's: 100)", positive)
     head_warmup_steps: int = knob(
-        0, "train only the base model's MLM head (encoder frozen) this many steps on the first "
-        "domain's corpus first (for checkpoints shipped without a head)", non_negative, flag=True)
+        0, "train only the base model's MLM head (encoder frozen) this many steps before the "
+        "first domain (for checkpoints shipped without a head, so that θ0's MLM-loss row reads "
+        "a trained head)", non_negative, flag=True)
+    head_warmup_corpus: Literal["general", "first"] = knob(
+        "general", "text of the MLM head warm-up: the suite's general replay corpus (the same "
+        "for every order, and no domain's text), or the first domain's corpus", flag=True)
     head_warmup_lr: float = knob(1e-3, "learning rate of the MLM head warm-up", positive)
     mixed_precision: Literal["no", "fp16", "bf16"] = knob(
         "no", "autocast DAP-training and fine-tuning (das6 default: fp16, the paper's)",
@@ -257,9 +261,11 @@ EARLIER_METHOD_ARGS: dict[str, dict[str, Any]] = {
 def recorded_config(config: dict[str, Any], earlier: bool = False) -> dict[str, Any]:
     """A config as a result recorded it, completed with the options added since whose class
     default is not what the code that made it did: `importance_batch_size` (before it, the
-    importance batches were DAP batches) and, for a record made before the reference forms
+    importance batches were DAP batches) and `head_warmup_corpus` (before it, the warm-up read
+    the first domain's corpus) and, for a record made before the reference forms
     became the defaults (`earlier`), the method options of `EARLIER_METHOD_ARGS`."""
-    added = {"importance_batch_size": config.get("dap_batch_size")}
+    added = {"importance_batch_size": config.get("dap_batch_size"),
+             "head_warmup_corpus": "first"}
     config = {**{k: v for k, v in added.items() if v is not None and k not in config}, **config}
     if earlier and config.get("method") in EARLIER_METHOD_ARGS:
         method_args = {**EARLIER_METHOD_ARGS[config["method"]], **config.get("method_args", {})}

@@ -45,11 +45,12 @@ from benchmark.compute import Compute, counted
 from benchmark.config import ConfigError, RunConfig, recorded_config
 from benchmark.context import Context
 from benchmark.data import tokenize_task
+from benchmark.headwarmup import warm_up as warm_up_head
 from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
 from benchmark.record import NotFinite, RunRecord, load, save
-from benchmark.training import dap_train, finetune_and_test, warm_up_mlm_head
+from benchmark.training import dap_train, finetune_and_test
 from methods import Method, build_method
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,22 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
     return stored
 
 
+def head_warmup_text(cfg: RunConfig, suite, names: list[str]):
+    """The raw text the MLM head warm-up trains on (`head_warmup_corpus`): the suite's general
+    replay corpus (real6: WikiText-2 test, never its held-out valid split; syn6: θ0's own
+    pre-training corpus) or the first domain's corpus. A suite without general text cannot take
+    `general`."""
+    if cfg.head_warmup_corpus == "first":
+        return suite.domains[names[0]].corpus
+    general = suite.replay_corpus if suite.replay_corpus is not None else suite.pretrain_corpus
+    if general is None:
+        raise ConfigError(
+            f"head_warmup_corpus: general: suite {suite.name} has no general replay corpus "
+            "(its `general:` key); warm the head on the first domain with "
+            "--head-warmup-corpus first")
+    return general
+
+
 def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool = False,
         cache: str | None = None, keep_checkpoint: bool = False,
         report_to: list[str] | None = None) -> dict[str, Any]:
@@ -183,6 +200,8 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     `report_to` names Accelerate trackers for live tracking (files under run_dir/tracking).
     """
     run_dir = run_dir_for(out, cfg)
+    if cfg.head_warmup_steps:  # a warm-up the suite cannot feed fails before anything is written
+        head_warmup_text(cfg, suite, suite.order(cfg.order))
     # under `accelerate launch` / `torchrun` every process runs this; only the main one writes
     tracking = {"log_with": report_to, "project_dir": str(run_dir / "tracking")} if report_to \
         else {}
@@ -236,11 +255,9 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
         (lambda x: accelerator.reduce(x.to(accelerator.device), "sum"))
         if accelerator.num_processes > 1 else None))
     if cfg.head_warmup_steps:
-        with compute.phase("head_warmup"):
-            record.head_warmup_loss = warm_up_mlm_head(
-                model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
-                cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
-                group_texts=cfg.group_texts, count=compute.count)
+        record.head_warmup_loss = warm_up_head(
+            model, tokenizer, head_warmup_text(cfg, suite, names), cfg,
+            record.base_fingerprint, compute, cache)
     ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir, compute)
     method.setup(ctx)
     tasks = [suite.domains[n].task for n in names]

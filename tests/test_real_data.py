@@ -405,3 +405,81 @@ def test_head_warmup_leaves_the_no_dap_reference_unchanged(tmp_path):
     assert results[0]["head_warmup_loss"] == [] and len(results[1]["head_warmup_loss"]) == 3
     assert results[1]["config"]["head_warmup_steps"] == 20
     assert results[0]["mf1"] == results[1]["mf1"]  # the encoder, all `base` uses, is θ0's
+
+
+def test_head_warmup_reads_general_text_the_same_for_every_order(tiny_suite):
+    # θ0 (a shipped encoder + its warmed head) must be one model for every order and no domain's
+    # text: `general` reads the suite's general text whatever the order, `first` the first domain
+    from benchmark.config import RunConfig
+    from benchmark.loop import head_warmup_text
+
+    general = RunConfig(head_warmup_steps=5)
+    assert general.head_warmup_corpus == "general"
+    first = RunConfig(head_warmup_steps=5, head_warmup_corpus="first")
+    orders = [tiny_suite.order(k) for k in (0, 1)]
+    assert orders[0][0] != orders[1][0]
+    assert all(head_warmup_text(general, tiny_suite, names) is tiny_suite.pretrain_corpus
+               for names in orders)
+    assert [head_warmup_text(first, tiny_suite, names) for names in orders] == [
+        tiny_suite.domains[names[0]].corpus for names in orders]
+
+
+def test_head_warmup_on_a_suite_without_general_text_fails_before_writing(tiny_suite, tmp_path):
+    import dataclasses
+
+    from benchmark.config import ConfigError, RunConfig
+    from benchmark.loop import run
+
+    bare = dataclasses.replace(tiny_suite, replay_corpus=None, pretrain_corpus=None)
+    cfg = RunConfig(method="base", head_warmup_steps=5)
+    with pytest.raises(ConfigError, match="has no general replay corpus.*--head-warmup-corpus "
+                                          "first"):
+        run(cfg, bare, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_old_record_with_a_head_warmup_reran_on_the_first_domain():
+    from benchmark.config import recorded_config
+
+    old = {"method": "one", "head_warmup_steps": 200, "dap_batch_size": 16}
+    assert recorded_config(old)["head_warmup_corpus"] == "first"
+    assert recorded_config({**old, "head_warmup_corpus": "general"})["head_warmup_corpus"] == \
+        "general"
+
+
+def test_a_general_head_warmup_is_computed_once_and_reused_bit_for_bit(tmp_path, monkeypatch,
+                                                                        caplog):
+    import benchmark.headwarmup as headwarmup
+    from benchmark.__main__ import main
+    from benchmark.tables import load_results
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["run", "--method", "base", "--profile", "tiny", "--head-warmup-steps", "20",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-table",
+                     *extra]) == 0
+        return load_results(out)[0]
+
+    first = run("first")
+    cached = list((tmp_path / "cache" / "head-warmup").glob("*.safetensors"))
+    assert len(cached) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached head must be reused, not trained again")
+
+    monkeypatch.setattr(headwarmup, "warm_up_mlm_head", no_training)
+    again = run("again", "--seed", "111")  # another seed: the same θ0 head
+    for key in ("head_warmup_loss", "base_fingerprint"):
+        assert again[key] == first[key]
+    assert again["compute"]["head_warmup"] == first["compute"]["head_warmup"]
+    # θ0's MLM-loss row reads the head: equal per domain only if the head bits are the same
+    assert again["mlm_loss"][0] == first["mlm_loss"][0]
+    assert again["general_mlm_loss"][0] == first["general_mlm_loss"][0]
+
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # damaged: warmed again, same numbers
+    monkeypatch.undo()
+    with caplog.at_level("WARNING"):
+        damaged = run("damaged")
+    assert "is damaged" in caplog.text
+    assert damaged["head_warmup_loss"] == first["head_warmup_loss"]
+    assert damaged["mlm_loss"] == first["mlm_loss"]
