@@ -265,7 +265,7 @@ def recorded_config(config: dict[str, Any], earlier: bool = False) -> dict[str, 
     the first domain's corpus) and, for a record made before the reference forms
     became the defaults (`earlier`), the method options of `EARLIER_METHOD_ARGS`."""
     added = {"importance_batch_size": config.get("dap_batch_size"),
-             "head_warmup_corpus": "first"}
+             "head_warmup_corpus": "first" if config.get("head_warmup_steps") else None}
     config = {**{k: v for k, v in added.items() if v is not None and k not in config}, **config}
     if earlier and config.get("method") in EARLIER_METHOD_ARGS:
         method_args = {**EARLIER_METHOD_ARGS[config["method"]], **config.get("method_args", {})}

@@ -443,6 +443,7 @@ def test_an_old_record_with_a_head_warmup_reran_on_the_first_domain():
 
     old = {"method": "one", "head_warmup_steps": 200, "dap_batch_size": 16}
     assert recorded_config(old)["head_warmup_corpus"] == "first"
+    assert "head_warmup_corpus" not in recorded_config({**old, "head_warmup_steps": 0})
     assert recorded_config({**old, "head_warmup_corpus": "general"})["head_warmup_corpus"] == \
         "general"
 
