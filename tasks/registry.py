@@ -103,18 +103,23 @@ class Suite:
         """{what: sha256} of the data a run over domains `names` reads: the files each domain
         was built from, as the suite names them (its datasets follow from them and the suite
         spec); for a domain built without files (the synthetic suites), the content of its
-        corpus, train and test sets; the general corpus's content. A run stores it with its
-        checkpoints, so `--resume` can name what changed since."""
+        corpus, train, test and held-out sets; the content of the general text (held-out,
+        replay, and θ0's pre-training corpus, which replay falls back to). A run stores it with
+        its checkpoints, so `--resume` can name what changed since."""
         out: dict[str, str] = {}
         for name in names:
             domain = self.domains[name]
             out.update(domain.files)
             if not domain.files:
                 for part, data in (("corpus", domain.corpus), ("train", domain.task.train),
-                                   ("test", domain.task.test)):
-                    out[f"{self.name} domain {name!r} {part}"] = dataset_sha256(data)
-        if self.general_corpus is not None:
-            out[f"{self.name} general corpus"] = dataset_sha256(self.general_corpus)
+                                   ("test", domain.task.test), ("heldout", domain.heldout)):
+                    if data is not None:
+                        out[f"{self.name} domain {name!r} {part}"] = dataset_sha256(data)
+        for part, data in (("general corpus", self.general_corpus),
+                           ("replay corpus", self.replay_corpus),
+                           ("pre-training corpus", self.pretrain_corpus)):
+            if data is not None:
+                out[f"{self.name} {part}"] = dataset_sha256(data)
         return out
 
 
