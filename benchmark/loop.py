@@ -51,7 +51,7 @@ from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
 from benchmark.record import NotFinite, RunRecord, load, save
 from benchmark.training import dap_train, finetune_and_test
-from methods import Method, build_method
+from methods import Method, build_method, get_method_class
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -200,6 +200,9 @@ def run(cfg: RunConfig, suite, out: Path, resume: bool = False, overwrite: bool 
     `report_to` names Accelerate trackers for live tracking (files under run_dir/tracking).
     """
     run_dir = run_dir_for(out, cfg)
+    problem = get_method_class(cfg.method).config_problem(cfg)
+    if problem:  # fails before anything is written
+        raise ConfigError(f"method {cfg.method}: {problem}")
     if cfg.head_warmup_steps:  # a warm-up the suite cannot feed fails before anything is written
         head_warmup_text(cfg, suite, suite.order(cfg.order))
     # under `accelerate launch` / `torchrun` every process runs this; only the main one writes

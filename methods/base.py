@@ -79,6 +79,12 @@ class Method:
     def __init__(self, args: Any = None) -> None:
         self.args = args if args is not None else self.Args()
 
+    @classmethod
+    def config_problem(cls, config: Any) -> str | None:
+        """Why the method cannot run under the run config `config` (None: it can); asked
+        before a run writes anything."""
+        return None
+
     # -- the loop's moments -------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
         """Once, after the base model is loaded and before the first domain."""

@@ -29,10 +29,12 @@ class JointRetrain(Method):
     """After each domain t, re-train from θ0 on domains 0..t with (t+1)× the budget (oracle)."""
     table_rank = 25
 
-    def setup(self, ctx):
-        if not ctx.config.dap_rewarm:
-            raise ValueError("joint trains (t + 1) x dap_steps on domain t, so one schedule "
-                             "cannot span the sequence: use dap_rewarm: true")
+    @classmethod
+    def config_problem(cls, config):
+        if not config.dap_rewarm:
+            return ("joint trains (t + 1) x dap_steps on domain t, so one schedule cannot span "
+                    "the sequence as dap_rewarm: false asks; use dap_rewarm: true")
+        return None
 
     def before_domain(self, ctx, t):
         copy_weights(ctx.model, ctx.base_model())

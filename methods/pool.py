@@ -18,6 +18,14 @@ class Pooled(Method):
 
     past_tasks_unchanged = True
 
+    @classmethod
+    def config_problem(cls, config):
+        if not config.dap_rewarm:
+            return ("pool trains T x dap_steps on the first domain and none after, so one "
+                    "schedule cannot span the sequence as dap_rewarm: false asks; use "
+                    "dap_rewarm: true (its single schedule is then the whole sequence's)")
+        return None
+
     def dap_plan(self, ctx, t):
         if t > 0:
             return None

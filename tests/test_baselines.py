@@ -239,8 +239,19 @@ def test_joint_retrains_from_theta0_on_the_union_with_t_plus_one_budgets(tiny_su
     assert plan.steps == 15
     assert len(plan.data) == sum(len(ctx.corpus(i)) for i in range(3))
     assert not method.past_tasks_unchanged
-    with pytest.raises(ValueError, match="use dap_rewarm: true"):
-        method.setup(make_ctx(tiny_suite, tmp_path, dap_rewarm=False))
+
+
+@pytest.mark.parametrize("method", ["joint", "pool"])
+def test_a_method_that_cannot_span_one_schedule_is_refused_before_writing(method, tmp_path,
+                                                                            capsys):
+    from benchmark.__main__ import main
+
+    out = tmp_path / "runs"
+    assert main(["run", "--method", method, "--profile", "tiny", "--no-dap-rewarm", "--out",
+                 str(out), "--no-table"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"method {method}:" in line and "use dap_rewarm: true" in line
+    assert not out.exists()
 
 
 # -- the general corpus of real data ---------------------------------------------------------
