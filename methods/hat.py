@@ -81,6 +81,7 @@ class HAT(Method):
         self.gates: UnitGates | None = None
         self.embeddings: dict[int, dict[str, nn.Parameter]] = {}
         self.masks: dict[int, Importance] = {}
+        self._cumulative: dict[int, Importance | None] = {}  # by `before`; reset with masks
         self.device = None
         self.batches_per_epoch = 1  # B of §2.4, set by `dap_plan`
 
@@ -129,10 +130,11 @@ class HAT(Method):
     def cumulative(self, before: int) -> Importance | None:
         """a^{<before} = max over domains < `before` of their attention (None before the
         first; binary masks in `form: binary`)."""
-        masks = [self.masks[i] for i in range(before) if i in self.masks]
-        if not masks:
-            return None
-        return {k: torch.stack([m[k] for m in masks]).amax(0) for k in KINDS}
+        if before not in self._cumulative:
+            masks = [self.masks[i] for i in range(before) if i in self.masks]
+            self._cumulative[before] = None if not masks else {
+                k: torch.stack([m[k] for m in masks]).amax(0) for k in KINDS}
+        return self._cumulative[before]
 
     def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
         gates = self.gates.values
@@ -165,6 +167,7 @@ class HAT(Method):
                          for k, e in self.embeddings[t].items()}
         if self.args.form == "binary":
             self.masks[t] = {k: (a > 0.5).float() for k, a in self.masks[t].items()}
+        self._cumulative = {}
         used = self.cumulative(t + 1)
         share = {k: round(float(used[k].mean()), 3) for k in KINDS}
         log.info("HAT: mean cumulative attention of domains ≤ %d: %s", t, share)
@@ -192,7 +195,7 @@ class HAT(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.embeddings, self.masks = {}, {}
+        self.embeddings, self.masks, self._cumulative = {}, {}, {}
         for key, value in state.items():
             what, t, kind = key.split(".")
             value = value.to(self.device)
