@@ -71,10 +71,17 @@ class Profile:
     piece_pool: int = 0
     general_names: int = 0
     mentions_per_general_name: int = 0
+    # v1 `names` profile: θ0's pre-training corpus mentions every name of the pool this many
+    # times in sentences that reveal no type (MENTIONS), so θ0 has trained embeddings for the
+    # entity names but knows none of their classes (0: names θ0 never sees)
+    name_mentions: int = 0
 
 
 PROFILES = {
     "default": Profile(),
+    # θ0 reads every entity name 8 times, typeless (4,000 sentences beside default's 10,640),
+    # the rest as `default`: can frozen-embedding rows learn names θ0 has embedded?
+    "names": Profile(name_mentions=8),
     "tiny": Profile(
         n_types=8,
         nouns_per_type=8,
@@ -124,6 +131,8 @@ BASE_MODELS = {
         pretrain_steps=30, pretrain_batch_size=32, pretrain_lr=1e-3, max_length=16,
     ),
 }
+RUN_DEFAULTS["names"] = RUN_DEFAULTS["default"]
+BASE_MODELS["names"] = BASE_MODELS["default"]  # its corpus differs, so its build key does
 
 
 def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -222,6 +231,11 @@ def build_world(profile: Profile) -> dict:
         general_train += [rng.choice(MENTIONS).format(e=name) for name in mentioned
                           for _ in range(profile.mentions_per_general_name)]
         rng.shuffle(general_train)
+    if profile.name_mentions:  # its own stream: the world and tasks are v1's, unchanged
+        mention_rng = random.Random(GENERAL_SEED + 1)
+        general_train += [mention_rng.choice(MENTIONS).format(e=name) for name in names
+                          for _ in range(profile.name_mentions)]
+        mention_rng.shuffle(general_train)
 
     world_rng = random.Random(WORLD_SEED)
     # class -> hidden type, per domain; camera borrows phone's, ai shares three with acl
@@ -386,7 +400,8 @@ def build_suite(name: str, spec: Profile, profile: str) -> Suite:
     )
 
 
-@register_suite("syn6", ("default", "tiny"), "synthetic six-domain world (offline, CPU minutes)")
+@register_suite("syn6", ("default", "tiny", "names"),
+                "synthetic six-domain world (offline, CPU minutes)")
 def build_syn6(profile: str) -> Suite:
     return build_suite("syn6", SUITE_PROFILES["syn6"][profile], profile)
 

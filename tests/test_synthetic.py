@@ -101,3 +101,20 @@ def test_type_readout_reads_the_class_the_mlm_puts_on_the_masked_slot():
     wrong = synthetic.type_readout(Oracle(1), tokenizer, world, "restaurant")
     assert right["accuracy"] == 1.0 and wrong["accuracy"] == 0.0
     assert right["adjective_mass"] > 0.99 and right["chance"] == pytest.approx(1 / len(perm))
+
+
+def test_the_names_profile_changes_only_thetas_corpus_and_reveals_no_type():
+    from tasks import load_suite
+    from tasks.synthetic import MENTIONS, PROFILES, build_world
+
+    default, names = load_suite("syn6", "default"), load_suite("syn6", "names")
+    a, b = default.data_digest(default.order(0)), names.data_digest(names.order(0))
+    assert [k for k in a if a[k] != b[k]] == ["syn6 pre-training corpus"]
+    world = build_world(PROFILES["names"])
+    added = sorted(set(names.pretrain_corpus["text"]) - set(default.pretrain_corpus["text"]))
+    templates = [m.split("{e}") for m in MENTIONS]
+    assert added and all(any(t.startswith(p) and t.endswith(q) for p, q in templates)
+                         for t in added)  # no adjective: no type
+    entities = {e for domain in world["entities"].values() for e in domain}
+    mentioned = {t.split()[t.split().index("the") + 1] for t in added}
+    assert entities <= mentioned
