@@ -31,6 +31,14 @@ PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
 HELDOUT_TOKENS = 32_768
 
 
+def domain_texts(split: Dataset) -> list[str]:
+    """The domain's own text in an end-task split, each distinct text once: the sentence of a
+    pair task (aspect sentiment: `text` is the aspect term, `text_pair` the review sentence it
+    occurs in; tasks/formats.py), else `text`."""
+    column = "text_pair" if "text_pair" in split.column_names else "text"
+    return list(dict.fromkeys(split[column]))
+
+
 @dataclass
 class Context:
     config: RunConfig
@@ -100,16 +108,17 @@ class Context:
     def heldout_corpus(self, i: int) -> Dataset:
         """Domain i's held-out text as MLM sequences, for the per-domain MLM loss L[t][i]: the
         domain's `heldout` texts (syn6: extra sentences its generator draws from a seed of their
-        own), else its end task's test texts (real suites: their corpora stay whole, so DAP
-        batches stay as they were). Every sequence that a DAP corpus of the run also holds is
-        dropped, so no DAP batch draws one; then the first sequences up to `HELDOUT_TOKENS`
-        tokens are kept (syn6 default: all of its ~650; a real suite at 128 tokens: 256)."""
+        own), else its end task's test texts (`domain_texts`; real suites: their corpora stay
+        whole, so DAP batches stay as they were). Every sequence that a DAP corpus of the run
+        also holds is dropped, so no DAP batch draws one; then the first sequences up to
+        `HELDOUT_TOKENS` tokens are kept (syn6 default: all of its ~650; a real suite at 128
+        tokens: 256)."""
         key = ("heldout", i)
         if key not in self._corpora:
             domain = self.suite.domains[self.domains[i]]
             raw = domain.heldout
             if raw is None:
-                raw = Dataset.from_dict({"text": list(domain.task.test["text"])})
+                raw = Dataset.from_dict({"text": domain_texts(domain.task.test)})
             data = dap_sequences(raw, self.tokenizer, self.config.max_length,
                                  self.config.group_texts)
             trained = {tuple(ids) for t in range(len(self.domains))

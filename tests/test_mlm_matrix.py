@@ -101,6 +101,31 @@ def test_the_heldout_text_never_meets_a_dap_batch(runs, tiny_suite):
     assert {tuple(ids) for ids in ctx.corpus(0).select(range(5))["input_ids"]} & trained
 
 
+def test_a_pair_tasks_held_out_text_is_its_sentences_not_its_aspect_terms(tiny_suite):
+    # aspect sentiment rows are (aspect term, review sentence): the domain's text is the
+    # sentence, each once; the term alone ("calamari") is no text to measure a domain on
+    import dataclasses
+
+    from datasets import Dataset
+
+    ctx = _context(tiny_suite)
+    domain = tiny_suite.domains[ctx.domains[1]]
+    sentences = list(domain.task.test["text"])[:6]
+    terms = [s.split()[1] for s in sentences]
+    pairs = Dataset.from_dict({"text": terms + terms[:2], "text_pair": sentences + sentences[:2],
+                               "label": [0] * 8})
+    saved = domain.heldout, domain.task
+    try:
+        domain.heldout, domain.task = None, dataclasses.replace(domain.task, test=pairs)
+        got = [list(ids) for ids in ctx.heldout_corpus(1)["input_ids"]]
+        tokenise = lambda texts: ctx.tokenizer(texts, truncation=True,  # noqa: E731
+                                               max_length=ctx.config.max_length)["input_ids"]
+        assert got == tokenise(list(dict.fromkeys(sentences)))  # each sentence once, in order
+        assert not any(ids in tokenise(terms) for ids in got)
+    finally:
+        domain.heldout, domain.task = saved
+
+
 def test_real_suites_fall_back_to_the_end_task_test_texts(tiny_suite):
     ctx = _context(tiny_suite)
     domain = tiny_suite.domains[ctx.domains[1]]
