@@ -678,7 +678,7 @@ def build_mlm_vs_tables(results: list[dict], reference: str,
 MLM_NOTE = (
     "L[t][i]: the masked-LM loss (fixed masks) of the model after DAP-training domain t on "
     "domain i's held-out text, which no DAP batch draws (syn6: extra corpus sentences from a "
-    "seed of their own; real suites: the end task's test texts); θ0's row is L_-1. Domain "
+    "seed of their own; real suites: the end task's test sentences); θ0's row is L_-1. Domain "
     "columns: L[T][i]. Avg L: their mean. mean L[t][t]: each domain right after its own phase. "
     "Forg.: mean over i < T of L[T][i] − L[i][i] (> 0: forgotten; backward transfer is its "
     "negative). FWT: mean over i > 0 of L_-1[i] − L[i−1][i] (> 0: earlier domains lowered "
