@@ -112,14 +112,18 @@ def _crash_point(stage: str, t: int) -> None:
         time.sleep(1)
 
 
+def config_differences(stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    """The keys in which a recorded config (completed by `recorded_config`) differs from the
+    config asked for now, as `key=stored (asked value)` pairs; "" when they agree."""
+    stored, default = recorded_config(stored), RunConfig().to_dict()
+    return ", ".join(f"{k}={stored.get(k, default[k])!r} (asked {asked[k]!r})"
+                     for k in asked if stored.get(k, default[k]) != asked[k])
+
+
 def check_same_config(cfg: RunConfig, record: RunRecord, where: Path) -> None:
     """Refuse to continue or report a stored run made with another config, naming the keys."""
-    stored, asked = recorded_config(record.config), cfg.to_dict()
-    default = RunConfig().to_dict()
-    differ = [k for k in asked if stored.get(k, default[k]) != asked[k]]
-    if differ:
-        pairs = ", ".join(f"{k}={stored.get(k, default[k])!r} (asked {asked[k]!r})"
-                          for k in differ)
+    pairs = config_differences(record.config, cfg.to_dict())
+    if pairs:
         raise ConfigError(f"{where} holds a run made with another config: {pairs}; repeat its "
                           "settings to resume it, or pass --overwrite to start it again")
 

@@ -50,7 +50,7 @@ from benchmark.config import (
     read_yaml,
 )
 from benchmark.lock import RunLocked, is_locked, run_lock
-from benchmark.loop import PROGRESS, RESULT, run_dir_for
+from benchmark.loop import PROGRESS, RESULT, config_differences, run_dir_for
 
 log = logging.getLogger(__name__)
 GRID_DIR = Path(__file__).parent / "grids"
@@ -239,6 +239,7 @@ class Cell:
     run_dir: Path
     run_args: tuple[str, ...] = ()
     estimate_s: float | None = None
+    config: dict[str, Any] | None = None  # the run config the cell asks for (its to_dict())
 
     @property
     def name(self) -> str:
@@ -256,13 +257,19 @@ class Cell:
 
 
 def cell_status(cell: Cell) -> str:
-    """done (result.json), running (a live process holds it), killed (progress left), todo."""
+    """done (result.json), other config (a finished result.json made with another config than
+    the cell asks for: the defaults or the preset moved since), running (a live process holds
+    it), killed (progress left), todo."""
     result = cell.run_dir / RESULT
     if result.exists():
         try:
-            if json.loads(result.read_text()).get("finished"):
+            record = json.loads(result.read_text())
+            if record.get("finished"):
+                if cell.config is not None and "config" in record and config_differences(
+                        record["config"], cell.config):
+                    return "other config"
                 return "done"
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError):
             pass
     if is_locked(cell.run_dir) or is_locked(cell.claim_dir):
         return "running"
@@ -367,7 +374,8 @@ def expand(grid: Grid, estimate: bool = False,
                         cost = (estimate_seconds(cfg, suite, method, rates)
                                 if estimate else None)
                         cells.append(Cell(len(cells), entry, is_preset, suite_name, profile,
-                                          order, seed, out, run_dir, tuple(grid.run_args), cost))
+                                          order, seed, out, run_dir, tuple(grid.run_args), cost,
+                                          cfg.to_dict()))
     return cells
 
 
@@ -424,7 +432,7 @@ def _hours(seconds: float) -> str:
 def dry_run(cells: list[Cell], grid: Grid, jobs: int, rates: dict | None = None) -> str:
     from tabulate import tabulate
 
-    rows, counts = [], {"done": 0, "running": 0, "killed": 0, "todo": 0}
+    rows, counts = [], {"done": 0, "other config": 0, "running": 0, "killed": 0, "todo": 0}
     left = unknown = 0.0
     took, foreseen, timed = 0.0, 0.0, 0  # finished cells: their wall time and their estimate
     for cell in cells:
@@ -447,7 +455,9 @@ def dry_run(cells: list[Cell], grid: Grid, jobs: int, rates: dict | None = None)
              f"{len(grid.profiles)} profiles × {len(grid.orders)} orders × {len(grid.seeds)} seeds")
     lines = [text, "",
              f"{len(cells)} cells ({shape}); done {counts['done']}, killed (will resume) "
-             f"{counts['killed']}, running elsewhere {counts['running']}, to run {counts['todo']}"]
+             f"{counts['killed']}, running elsewhere {counts['running']}, to run {counts['todo']}"
+             + (f"; {counts['other config']} hold a result made with another config (a run "
+                "refuses them: use another --out)" if counts["other config"] else "")]
     if left:
         source = "--s-per-step" if rates else f"measured {MEASURED_NOTE} (sweep.py MEASURED)"
         lines.append(f"estimated time of the cells left: {_hours(left)} of cell time at the "
@@ -792,7 +802,16 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(dry_run(cells, grid, max(1, grid.jobs), args.s_per_step))
             return 0
-        todo = [c for c in cells if cell_status(c) != "done"]
+        statuses = [cell_status(c) for c in cells]
+        stale = [c for c, status in zip(cells, statuses, strict=True) if status == "other config"]
+        if stale:
+            pairs = config_differences(json.loads((stale[0].run_dir / RESULT).read_text())[
+                "config"], stale[0].config)
+            raise GridError(
+                f"{len(stale)} of the grid's cells already hold a result made with another "
+                f"config, e.g. {stale[0].run_dir / RESULT}: {pairs}; a run would refuse them: "
+                "sweep into another --out, or delete those results")
+        todo = [c for c, status in zip(cells, statuses, strict=True) if status != "done"]
         if todo:
             check_writable(Path(grid.out), "--out")
         print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "

@@ -155,6 +155,30 @@ def test_dry_run_lists_cells_and_counts_done(tmp_path, capsys):
     assert "syn6-tiny/ncl/order0/seed2021 | killed" in printed
 
 
+def test_a_result_made_with_another_config_is_not_done_and_stops_the_sweep(tmp_path, capsys):
+    # the defaults moved (say clipping): a cell whose finished result ran the old config is not
+    # "done"; the sweep names it and runs nothing, as `run --resume` would refuse it
+    grid = write_grid(tmp_path / "grid.yaml", methods=["ncl"], orders=[0], seeds=[2021])
+    out = tmp_path / "out"
+    [cell] = expand(Grid(**{**yaml.safe_load(grid.read_text()), "out": str(out)}))
+    cell.run_dir.mkdir(parents=True)
+    result = cell.run_dir / "result.json"
+    result.write_text(json.dumps({"finished": True, "config": cell.config}))
+    assert main([str(grid), "--out", str(out), "--dry-run"]) == 0
+    assert "done 1," in capsys.readouterr().out
+    result.write_text(json.dumps({"finished": True,
+                                  "config": {**cell.config, "max_grad_norm": 1.0}}))
+    assert main([str(grid), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "syn6-tiny/ncl/order0/seed2021 | other config" in printed
+    assert "done 0," in printed and "1 hold a result made with another config" in printed
+    assert main([str(grid), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of the grid's cells already hold a result made with another config" in line
+    assert "max_grad_norm=1.0 (asked 0.0)" in line and str(result) in line
+    assert json.loads(result.read_text())["config"]["max_grad_norm"] == 1.0  # left as it was
+
+
 def test_dry_run_scales_the_estimate_by_what_finished_cells_took(tmp_path, capsys):
     """The s/step model comes from another machine; the finished cells' recorded wall time
     against their estimate rescales what is left."""
