@@ -48,8 +48,11 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+def parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+           ) -> argparse.ArgumentParser:
+    """The command line; `parser_class` builds it and each subcommand's parser (the sweep's
+    check of `run` flags passes one whose `error` raises instead of exiting)."""
+    top = parser_class(prog="python -m benchmark", description=__doc__)
     pin = top.add_mutually_exclusive_group()
     pin.add_argument("--pin-kernels", action="store_true",
                      help="first argument only; the default on a CPU with AVX2: hold ATen, MKL "

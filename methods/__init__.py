@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
-_SHARED_MODULES = {"base", "modeling", "gates", "buffer", "isolation"}
+_SHARED_MODULES = {"base", "modeling", "gates", "buffer", "isolation", "importance_figures"}
 _loaded = False
 
 

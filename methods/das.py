@@ -61,7 +61,11 @@ from torch import Tensor
 from methods import Method, knob, positive, register
 from methods.gates import (
     KINDS,
+    Form,
     Importance,
+    Kind,
+    Placement,
+    QkvSoftmask,
     UnitGates,
     accumulate,
     gate_gradients,
@@ -71,7 +75,6 @@ from methods.gates import (
 from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
 
 log = logging.getLogger(__name__)
-Kind = Literal["head", "intermediate", "output"]  # gates.KINDS
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Args:
     softmask: bool = True  # RQ3: false = no soft-masking
     softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
     # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative (see gates.gate_gradients)
-    importance_form: Literal["abs", "signed", "companion-cumulative"] = "abs"
+    importance_form: Form = "abs"
     # none | permute (RQ3 random) | binary (RQ3 hard mask)
     importance_transform: Literal["none", "permute", "binary"] = "none"
     hard_threshold: float = 0.5
@@ -100,9 +103,9 @@ class Args:
     # dropout: two dropout views | companion: against θ0, eval mode, masked input
     kl_proxy: Literal["dropout", "companion"] = "dropout"
     domain_importance_input: Literal["masked", "unmasked"] = "masked"  # unmasked: companion
-    intermediate_gate: Literal["post", "pre"] = "post"  # pre: before the activation (companion)
+    intermediate_gate: Placement = "post"  # pre: before the activation (companion)
     # rows: a head's Q/K/V rows | companion: Q/K/V columns and the attention-output bias
-    qkv_softmask: Literal["rows", "companion"] = "rows"
+    qkv_softmask: QkvSoftmask = "rows"
 
 
 
@@ -126,6 +129,14 @@ def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: f
 class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
     table_rank = 160
+    dap_cost = ("das", 1.0)
+
+    @classmethod
+    def draw_artifacts(cls, folders, domains, row, out, fmt, written):
+        """The saved unit importance: `methods/importance_figures.py`."""
+        from methods.importance_figures import draw_importance
+
+        draw_importance(folders, domains, row, out, fmt, written)
 
     Args = Args
 
