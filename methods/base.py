@@ -79,6 +79,11 @@ class Method:
     # scales, "ncl" or "das", see benchmark/data/timings.json; a factor on it). None: the method
     # does no DAP-training (its estimate is fine-tuning only).
     dap_cost: ClassVar[tuple[str, float] | None] = ("ncl", 1.0)
+    # The passes `bench` times outside the DAP steps and reports with their share of the DAP
+    # time: {"label": what they compute, "before": the pass of `before_domain` on the first
+    # domain, "after": the pass of `after_domain`}, both scaled to `importance_batches`. None:
+    # the method's before/after-domain work is not reported.
+    timed_passes: ClassVar[dict[str, str] | None] = None
 
     @classmethod
     def draw_artifacts(cls, folders: list[Path], domains: list[str], row: str, out: Path,

@@ -130,6 +130,7 @@ class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
     table_rank = 160
     dap_cost = ("das", 1.0)
+    timed_passes = {"label": "importance", "before": "KL proxy", "after": "domain importance"}
 
     @classmethod
     def draw_artifacts(cls, folders, domains, row, out, fmt, written):
