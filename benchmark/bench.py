@@ -34,7 +34,6 @@ depend on the weights or the text.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -46,7 +45,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -61,6 +59,7 @@ from benchmark.atomic import write_text_atomic
 from benchmark.compute import FlopCounter
 from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
+from benchmark.record import package_versions
 from benchmark.training import dap_train
 from methods import DapPlan, MethodError, available_methods, build_method
 from methods.modeling import mlm_forward
@@ -520,9 +519,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "datasets"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
+    out = package_versions(("torch", "transformers", "accelerate", "datasets"))
     out["cuda"] = torch.version.cuda
     return out

@@ -327,15 +327,6 @@ def cache_root(override: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdap-bench"
 
 
-def data_root(override: str | None = None) -> Path:
-    """Data files of real suites: `--data-dir`, else `$CDAP_DATA_DIR`, else `cache_root()/data`."""
-    if override:
-        return Path(override).expanduser()
-    if os.environ.get("CDAP_DATA_DIR"):
-        return Path(os.environ["CDAP_DATA_DIR"]).expanduser()
-    return cache_root() / "data"
-
-
 def check_writable(path: Path, what: str) -> None:
     """`path` is a folder we can write into, or can be created: else one line naming it.
 

@@ -12,11 +12,26 @@ before 2026-12-08).
 from __future__ import annotations
 
 import dataclasses
+import platform
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from benchmark.atomic import DamagedFile, read_json, write_json_atomic
+
+PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """{"python": its version, package: its installed version or None} for a record."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 SCHEMA = 3  # 2: schema, base_fingerprint, head_warmup_loss always present; 3: protocol, collapsed
 
