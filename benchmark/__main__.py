@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,9 @@ def parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
     add_reproduce_parsers(sub)  # base build | list, reproduce
     listing = sub.add_parser("list", help="list methods, suites or configs")
     listing.add_argument("what", choices=["methods", "suites", "configs"])
+    listing.add_argument("--args", metavar="METHOD",
+                         help="with `methods`: each option of METHOD's `Args` with its type, "
+                              "default and help (a preset sets them under method_args)")
     return top
 
 
@@ -371,7 +375,18 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    if args.what == "methods":
+    if args.what == "methods" and args.args:
+        from methods import describe_args, get_method_class
+
+        rows = describe_args(get_method_class(args.args))
+        if not rows:
+            print(f"{args.args} has no options")
+        for name, kind, default, text in rows:
+            print(f"{name}: {kind} = {default}")
+            if text:
+                print(textwrap.fill(text, width=98, initial_indent="    ",
+                                    subsequent_indent="    "))
+    elif args.what == "methods":
         from methods import available_methods
 
         for name, cls in available_methods().items():

@@ -289,7 +289,7 @@ def plot_runs(results: list[dict], runs_dir: Path, out: Path, rows: list[str] | 
         loss_curves(by_row, wanted, domains, styles, folder, fmt, written)
         for row in wanted:
             heatmap(by_row[row], domains, row, folder / f"A_mf1-{_safe(row)}.{fmt}", written)
-        for row in wanted:  # runs made before 2026-12-08 have no MLM-loss matrix
+        for row in wanted:  # a run without `mlm_loss` has no MLM-loss matrix
             matrices = [m for r in by_row[row] if (m := mlm_matrix(r)) is not None]
             if matrices:
                 mlm_heatmap(matrices, domains, row, folder / f"L_mlm-{_safe(row)}.{fmt}",

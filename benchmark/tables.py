@@ -592,7 +592,7 @@ def vs_note(reference: str) -> str:
 
 def mlm_matrix(res: dict) -> np.ndarray | None:
     """A run's MLM-loss matrix as (T + 1) × T: row 0 θ0's, row t + 1 after domain t; None where
-    the run did not record it (results made before 2026-12-08)."""
+    the run did not record it (a record without `mlm_loss`)."""
     rows = res.get("mlm_loss") or []
     if len(rows) != len(res["domains"]) + 1:
         return None

@@ -66,3 +66,23 @@ def test_mlm_and_compute_views_mark_rows_made_with_dap_seed():
         assert "◦" not in plain
         assert "das, no clipping ◦7" in once and "ncl, no clipping ◦" not in once
         assert "DAP-trained once with dap_seed S" in once
+
+
+def test_list_methods_args_prints_each_option_with_type_default_and_help(capsys):
+    from benchmark.__main__ import main
+
+    assert main(["list", "methods", "--args", "das"]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_softmask: {rows,companion} = 'rows'\n    how a head's importance" in out
+    assert "units: list of {head,intermediate,output} = ['head', 'intermediate', 'output']" in out
+    assert main(["list", "methods", "--args", "dga"]) == 0  # a variant: its YAML's defaults
+    assert "units: list of {head,intermediate,output} = ['head']" in capsys.readouterr().out
+    assert main(["list", "methods", "--args", "nope"]) == 2
+
+
+def test_every_method_option_has_help():
+    from methods import describe_args
+
+    missing = [f"{name}.{option}" for name, cls in available_methods().items()
+               for option, _, _, text in describe_args(cls) if not text.strip()]
+    assert missing == []
