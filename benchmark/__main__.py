@@ -22,6 +22,7 @@ from benchmark.config import (
     available_configs,
     build_config,
     check_writable,
+    expand_preset,
     read_preset,
 )
 from benchmark.datacli import add_parser as add_data_parser
@@ -186,20 +187,7 @@ def _groups() -> dict[str, list[str]]:
 
 def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
     """[(preset mapping, source)]: one entry, or one per member of a group preset."""
-    if not preset_name:
-        return [({}, "config")]
-    preset = read_preset(preset_name)
-    members = preset.pop("runs", None)
-    if members is None:
-        return [(preset, preset_name)]
-    if not isinstance(members, list) or not members:
-        raise ConfigError(f"{preset_name}: `runs` must be a non-empty list of preset names")
-    out = []
-    for member in members:
-        sub = read_preset(member)
-        sub.pop("runs", None)
-        out.append(({**preset, **sub}, member))
-    return out
+    return expand_preset(preset_name)[0] if preset_name else [({}, "config")]
 
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import ConfigError, build_config, read_preset
+from benchmark.config import ConfigError, build_config, expand_preset
 from benchmark.estimate import estimate_seconds
 from benchmark.grid import Grid, GridError, run_flags
 from benchmark.lock import is_locked
@@ -66,22 +66,16 @@ def cell_status(cell: Cell) -> str:
 
 
 def _rows(grid: Grid) -> list[tuple[str, bool, dict]]:
-    """[(entry, is_preset, preset mapping)]: groups expanded into their members, in order."""
+    """[(entry, is_preset, preset mapping)]: groups expanded into their members, in order (as
+    `run --config` expands them); each cell runs `run --config MEMBER`, so a group with keys of
+    its own cannot be split into cells."""
     rows = []
     for name in grid.configs:
-        preset = read_preset(name)
-        members = preset.pop("runs", None)
-        if members is None:
-            rows.append((name, True, preset))
-            continue
-        if preset:
-            raise GridError(f"config {name!r}: a group with shared keys {sorted(preset)} cannot "
+        members, shared = expand_preset(name)
+        if shared:
+            raise GridError(f"config {name!r}: a group with shared keys {sorted(shared)} cannot "
                             "be split into cells; put those keys in the grid's run_args")
-        for member in members:
-            sub = read_preset(member)
-            if "runs" in sub:
-                raise GridError(f"config {name!r}: member {member!r} is itself a group")
-            rows.append((member, True, sub))
+        rows += [(source, True, mapping) for mapping, source in members]
     rows += [(m, False, {"method": m}) for m in grid.methods]
     if not rows:
         raise GridError("the grid has no rows: give configs (--config) or methods (--methods)")

@@ -427,6 +427,25 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+def expand_preset(name_or_path: str) -> tuple[list[tuple[dict[str, Any], str]], dict | None]:
+    """([(mapping, source)], shared): a group preset's members in order, each member's mapping
+    over the group's own keys (`shared`), or, for a plain preset, itself alone (`shared`: None).
+    A group's `runs` must be a non-empty list of presets none of which is itself a group."""
+    preset = read_preset(name_or_path)
+    members = preset.pop("runs", None)
+    if members is None:
+        return [(preset, name_or_path)], None
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{name_or_path}: `runs` must be a non-empty list of preset names")
+    out = []
+    for member in members:
+        sub = read_preset(member)
+        if "runs" in sub:
+            raise ConfigError(f"{name_or_path}: member {member!r} is itself a group")
+        out.append(({**preset, **sub}, member))
+    return out, preset
+
+
 def build_config(
     suite_defaults: dict[str, Any],
     preset: dict[str, Any] | None = None,

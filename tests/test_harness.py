@@ -86,3 +86,28 @@ def test_every_method_option_has_help():
     missing = [f"{name}.{option}" for name, cls in available_methods().items()
                for option, _, _, text in describe_args(cls) if not text.strip()]
     assert missing == []
+
+
+def test_run_and_sweep_expand_a_group_preset_alike(tmp_path):
+    from benchmark.__main__ import _expand
+    from benchmark.cells import _rows
+    from benchmark.config import ConfigError
+    from benchmark.grid import Grid, GridError
+
+    (tmp_path / "a.yaml").write_text("method: ncl\nlabel: a\n")
+    (tmp_path / "b.yaml").write_text("method: kd\n")
+    group = tmp_path / "g.yaml"
+    group.write_text(f"runs: [{tmp_path / 'a.yaml'}, {tmp_path / 'b.yaml'}]\n")
+    run_rows = [(source, mapping) for mapping, source in _expand(str(group))]
+    sweep_rows = [(entry, mapping) for entry, _, mapping in _rows(Grid(configs=[str(group)]))]
+    assert run_rows == sweep_rows and [m["method"] for _, m in run_rows] == ["ncl", "kd"]
+    nested = tmp_path / "n.yaml"
+    nested.write_text(f"runs: [{group}]\n")  # a group of a group: refused by both
+    for expand in (lambda: _expand(str(nested)), lambda: _rows(Grid(configs=[str(nested)]))):
+        with pytest.raises(ConfigError, match="is itself a group"):
+            expand()
+    shared = tmp_path / "s.yaml"  # keys of the group's own: run applies them, a cell could not
+    shared.write_text(f"runs: [{tmp_path / 'a.yaml'}]\ndap_steps: 3\n")
+    assert _expand(str(shared))[0][0]["dap_steps"] == 3
+    with pytest.raises(GridError, match="shared keys"):
+        _rows(Grid(configs=[str(shared)]))
