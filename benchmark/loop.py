@@ -408,12 +408,12 @@ def track_domain(accelerator: Accelerator, progress: RunRecord, names: list[str]
     for metric in ("mf1", "acc"):
         lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
                  "|---" * (t + 2) + "|"]
-        for s, row in enumerate(progress[metric][:t + 1]):
+        for s, row in enumerate(getattr(progress, metric)[:t + 1]):
             cells = ["–" if v is None else f"{v:.2f}" for v in row]
             lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
         values[f"A_{metric}"] = "\n".join(lines)
-    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
-        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
+    if len(progress.general_mlm_loss) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress.general_mlm_loss[t + 1]
     accelerator.log(values, step=t)
 
 

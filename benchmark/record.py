@@ -96,12 +96,6 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def __getitem__(self, key: str) -> Any:
-        """`record["mf1"]`: the field, for code written against the JSON dict."""
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "record") -> RunRecord:
         if not isinstance(data, dict):
