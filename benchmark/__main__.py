@@ -86,6 +86,38 @@ def parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
                      help="live tracking through Accelerate's trackers, comma separated: "
                           "tensorboard, wandb, mlflow, ... (files under RUN_DIR/tracking)")
 
+    _add_table_parser(sub)
+    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
+    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
+    plot.add_argument("--config", help="a group preset: only its rows, in its order")
+    plot.add_argument("--out", default="figures", help="where the figures go")
+    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+
+    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
+                            "configs, versions (needs the report extra)")
+    report.add_argument("--runs", default="results/runs",
+                        help="directory searched for result.json")
+    report.add_argument("--config", help="a group preset: only its rows, in its order")
+    report.add_argument("--out", default="report", help="folder of index.html")
+    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
+
+    add_data_parser(sub)
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
+                   add_help=False)
+
+    add_reproduce_parsers(sub)  # base build | list, reproduce
+    listing = sub.add_parser("list", help="list methods, suites or configs")
+    listing.add_argument("what", choices=["methods", "suites", "configs"])
+    listing.add_argument("--args", metavar="METHOD",
+                         help="with `methods`: each option of METHOD's `Args` with its type, "
+                              "default and help (a preset sets them under method_args)")
+    return top
+
+
+def _add_table_parser(sub: argparse._SubParsersAction) -> None:
+    """`table`: its flags."""
     table = sub.add_parser("table", help="build the result tables from result JSON files")
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
     table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
@@ -114,34 +146,6 @@ def parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
     table.add_argument("--vs", metavar="ROW",
                        help="add each row's difference in average MF1 against ROW, 95 %% "
                             "interval over seeds (needs the report extra)")
-
-    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
-    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
-    plot.add_argument("--config", help="a group preset: only its rows, in its order")
-    plot.add_argument("--out", default="figures", help="where the figures go")
-    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
-
-    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
-                            "configs, versions (needs the report extra)")
-    report.add_argument("--runs", default="results/runs",
-                        help="directory searched for result.json")
-    report.add_argument("--config", help="a group preset: only its rows, in its order")
-    report.add_argument("--out", default="report", help="folder of index.html")
-    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
-
-    add_data_parser(sub)
-    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
-                   add_help=False)
-    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
-                   add_help=False)
-
-    add_reproduce_parsers(sub)  # base build | list, reproduce
-    listing = sub.add_parser("list", help="list methods, suites or configs")
-    listing.add_argument("what", choices=["methods", "suites", "configs"])
-    listing.add_argument("--args", metavar="METHOD",
-                         help="with `methods`: each option of METHOD's `Args` with its type, "
-                              "default and help (a preset sets them under method_args)")
-    return top
 
 
 def _trackers(text: str) -> list[str]:
