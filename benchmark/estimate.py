@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmark.config import RunConfig, read_yaml
+from benchmark.loop import RESULT
 
 if TYPE_CHECKING:
     from benchmark.cells import Cell
     from benchmark.grid import Grid
 
 TIMINGS = Path(__file__).parent / "data" / "timings.yaml"
-RESULT = "result.json"  # benchmark.loop.RESULT, without importing the loop
 
 
 @cache
