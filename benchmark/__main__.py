@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from benchmark.config import (
     available_configs,
     build_config,
     check_writable,
+    expand_preset,
     read_preset,
 )
 from benchmark.datacli import add_parser as add_data_parser
@@ -48,8 +50,11 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+def parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+           ) -> argparse.ArgumentParser:
+    """The command line; `parser_class` builds it and each subcommand's parser (the sweep's
+    check of `run` flags passes one whose `error` raises instead of exiting)."""
+    top = parser_class(prog="python -m benchmark", description=__doc__)
     pin = top.add_mutually_exclusive_group()
     pin.add_argument("--pin-kernels", action="store_true",
                      help="first argument only; the default on a CPU with AVX2: hold ATen, MKL "
@@ -81,6 +86,38 @@ def parser() -> argparse.ArgumentParser:
                      help="live tracking through Accelerate's trackers, comma separated: "
                           "tensorboard, wandb, mlflow, ... (files under RUN_DIR/tracking)")
 
+    _add_table_parser(sub)
+    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
+    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
+    plot.add_argument("--config", help="a group preset: only its rows, in its order")
+    plot.add_argument("--out", default="figures", help="where the figures go")
+    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
+
+    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
+                            "configs, versions (needs the report extra)")
+    report.add_argument("--runs", default="results/runs",
+                        help="directory searched for result.json")
+    report.add_argument("--config", help="a group preset: only its rows, in its order")
+    report.add_argument("--out", default="report", help="folder of index.html")
+    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
+
+    add_data_parser(sub)
+    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
+                   add_help=False)
+    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
+                   add_help=False)
+
+    add_reproduce_parsers(sub)  # base build | list, reproduce
+    listing = sub.add_parser("list", help="list methods, suites or configs")
+    listing.add_argument("what", choices=["methods", "suites", "configs"])
+    listing.add_argument("--args", metavar="METHOD",
+                         help="with `methods`: each option of METHOD's `Args` with its type, "
+                              "default and help (a preset sets them under method_args)")
+    return top
+
+
+def _add_table_parser(sub: argparse._SubParsersAction) -> None:
+    """`table`: its flags."""
     table = sub.add_parser("table", help="build the result tables from result JSON files")
     table.add_argument("--runs", default="results/runs", help="directory searched for result.json")
     table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
@@ -109,31 +146,6 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--vs", metavar="ROW",
                        help="add each row's difference in average MF1 against ROW, 95 %% "
                             "interval over seeds (needs the report extra)")
-
-    plot = sub.add_parser("plot", help="figures from result JSON (needs the report extra)")
-    plot.add_argument("--runs", default="results/runs", help="directory searched for result.json")
-    plot.add_argument("--config", help="a group preset: only its rows, in its order")
-    plot.add_argument("--out", default="figures", help="where the figures go")
-    plot.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
-
-    report = sub.add_parser("report", help="one self-contained HTML page: tables, figures, "
-                            "configs, versions (needs the report extra)")
-    report.add_argument("--runs", default="results/runs",
-                        help="directory searched for result.json")
-    report.add_argument("--config", help="a group preset: only its rows, in its order")
-    report.add_argument("--out", default="report", help="folder of index.html")
-    report.add_argument("--vs", metavar="ROW", help="add the differences against ROW")
-
-    add_data_parser(sub)
-    sub.add_parser("bench", help="DAP throughput side by side: s/step, tokens/s, MFU, memory",
-                   add_help=False)
-    sub.add_parser("sweep", help="a resumable grid of runs: local, SLURM (submitit) or sharded",
-                   add_help=False)
-
-    add_reproduce_parsers(sub)  # base build | list, reproduce
-    listing = sub.add_parser("list", help="list methods, suites or configs")
-    listing.add_argument("what", choices=["methods", "suites", "configs"])
-    return top
 
 
 def _trackers(text: str) -> list[str]:
@@ -179,20 +191,7 @@ def _groups() -> dict[str, list[str]]:
 
 def _expand(preset_name: str | None) -> list[tuple[dict, str]]:
     """[(preset mapping, source)]: one entry, or one per member of a group preset."""
-    if not preset_name:
-        return [({}, "config")]
-    preset = read_preset(preset_name)
-    members = preset.pop("runs", None)
-    if members is None:
-        return [(preset, preset_name)]
-    if not isinstance(members, list) or not members:
-        raise ConfigError(f"{preset_name}: `runs` must be a non-empty list of preset names")
-    out = []
-    for member in members:
-        sub = read_preset(member)
-        sub.pop("runs", None)
-        out.append(({**preset, **sub}, member))
-    return out
+    return expand_preset(preset_name)[0] if preset_name else [({}, "config")]
 
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[RunConfig, Any]]:
@@ -368,7 +367,18 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    if args.what == "methods":
+    if args.what == "methods" and args.args:
+        from methods import describe_args, get_method_class
+
+        rows = describe_args(get_method_class(args.args))
+        if not rows:
+            print(f"{args.args} has no options")
+        for name, kind, default, text in rows:
+            print(f"{name}: {kind} = {default}")
+            if text:
+                print(textwrap.fill(text, width=98, initial_indent="    ",
+                                    subsequent_indent="    "))
+    elif args.what == "methods":
         from methods import available_methods
 
         for name, cls in available_methods().items():

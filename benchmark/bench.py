@@ -34,7 +34,6 @@ depend on the weights or the text.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -46,7 +45,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -61,6 +59,7 @@ from benchmark.atomic import write_text_atomic
 from benchmark.compute import FlopCounter
 from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
+from benchmark.record import package_versions
 from benchmark.training import dap_train
 from methods import DapPlan, MethodError, available_methods, build_method
 from methods.modeling import mlm_forward
@@ -385,29 +384,38 @@ def report(res: dict[str, Any], peak_tflops: float | None) -> list[str]:
                  f"step above): {res['data_s_per_step']:.4f} s/step")
     if not peak:
         lines.append("MFU: pass --peak-tflops (the device's dense peak at this precision)")
-    if "das" in res["methods"]:
-        lines += _importance_lines(res, accumulation)
+    for name in res["methods"]:
+        if _timed_passes(name):
+            lines += _pass_lines(res, name, accumulation)
     lines += _projection_lines(res, accumulation)
     return lines
 
 
-def _importance_lines(res: dict[str, Any], accumulation: int) -> list[str]:
-    das = res["methods"]["das"]
+def _timed_passes(name: str) -> dict[str, str] | None:
+    """The passes a method declares outside its DAP steps (`Method.timed_passes`), or None."""
+    return available_methods()[name].timed_passes
+
+
+def _pass_lines(res: dict[str, Any], name: str, accumulation: int) -> list[str]:
+    """The method's passes before the first domain and after each (`before_domain_s`,
+    `after_domain_s`, scaled to the config's batch count), and their share of the DAP time."""
+    passes = _timed_passes(name)
+    row = res["methods"][name]
     scale = res["importance_batches"] / res["importance_timed"]
-    kl, domain = das["before_domain_s"] * scale, das["after_domain_s"] * scale
-    dap = das["median_s"] * accumulation * res["dap_steps"]
+    kl, domain = row["before_domain_s"] * scale, row["after_domain_s"] * scale
+    dap = row["median_s"] * accumulation * res["dap_steps"]
     n = res["domains"]
     measured = (f"{res['importance_batches']} batches of "
                 f"{res.get('importance_batch', res['batch'])} sequences")
     if scale != 1:
         measured += f"; timed on {res['importance_timed']}, scaled x{scale:g}"
-    das["importance"] = {"kl_proxy_s": kl, "domain_s": domain, "dap_domain_s": dap}
+    row["importance"] = {"kl_proxy_s": kl, "domain_s": domain, "dap_domain_s": dap}
     share_domain = domain / (dap + domain)
     share_sequence = (kl + n * domain) / (kl + n * (dap + domain))
     return [
-        f"importance ({measured}): KL proxy {kl:.2f} s (once), "
-        f"domain importance {domain:.2f} s (after each domain)",
-        f"importance share: {100 * share_domain:.1f} % of a domain's DAS time "
+        f"{passes['label']} ({measured}): {passes['before']} {kl:.2f} s (once), "
+        f"{passes['after']} {domain:.2f} s (after each domain)",
+        f"{passes['label']} share: {100 * share_domain:.1f} % of a domain's {name.upper()} time "
         f"({res['dap_steps']} steps), {100 * share_sequence:.1f} % of a {n}-domain sequence "
         "(target <= 5 %)",
     ]
@@ -416,15 +424,17 @@ def _importance_lines(res: dict[str, Any], accumulation: int) -> list[str]:
 def _projection_lines(res: dict[str, Any], accumulation: int) -> list[str]:
     n, steps = res["domains"], res["dap_steps"]
     parts = []
+    included = set()
     for name, row in res["methods"].items():
         total = n * steps * row["median_s"] * accumulation
-        if name == "das":
+        if "importance" in row:
             imp = row["importance"]
             total += imp["kl_proxy_s"] + n * imp["domain_s"]
+            included.add(_timed_passes(name)["label"])
         row["projected_sequence_s"] = total
         parts.append(f"{name} {total / 3600:.2f} h")
     return [f"projected DAP time of a {n}-domain sequence ({steps} steps per domain"
-            + (", importance included" if "das" in res["methods"] else "") + "): "
+            + "".join(f", {label} included" for label in sorted(included)) + "): "
             + ", ".join(parts)]
 
 
@@ -509,9 +519,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "datasets"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
+    out = package_versions(("torch", "transformers", "accelerate", "datasets"))
     out["cuda"] = torch.version.cuda
     return out

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -92,13 +92,19 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's `meta.json`; one without a domain index raises `DamagedFile`."""
+    meta = read_json(path / "meta.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("domain"), int):
+        raise DamagedFile(f"{path / 'meta.json'} is damaged (no domain index)")
+    return meta
+
+
 def load_checkpoint(path: Path, model: nn.Module, method) -> dict[str, Any]:
     """Load model weights and method state in place; return the checkpoint's meta.
 
     A truncated or otherwise unreadable file raises `DamagedFile` naming it."""
-    meta = read_json(path / "meta.json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("domain"), int):
-        raise DamagedFile(f"{path / 'meta.json'} is damaged (no domain index)")
+    meta = read_meta(path)
     try:
         load_model(model, str(path / "model.safetensors"))
         method.load_state(path)
@@ -109,6 +115,15 @@ def load_checkpoint(path: Path, model: nn.Module, method) -> dict[str, Any]:
     if bad is not None:
         raise DamagedFile(f"{path / 'model.safetensors'} is damaged (non-finite values in {bad})")
     return meta
+
+
+class Resumed(NamedTuple):
+    """A run found to continue: its checkpoint folder, the checkpoint's meta and the record to
+    continue (`resume_state`)."""
+
+    checkpoint: Path
+    meta: dict[str, Any]
+    record: RunRecord
 
 
 def resume_state(meta: dict[str, Any], progress: RunRecord | None) -> RunRecord:

@@ -333,15 +333,6 @@ def cache_root(override: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdap-bench"
 
 
-def data_root(override: str | None = None) -> Path:
-    """Data files of real suites: `--data-dir`, else `$CDAP_DATA_DIR`, else `cache_root()/data`."""
-    if override:
-        return Path(override).expanduser()
-    if os.environ.get("CDAP_DATA_DIR"):
-        return Path(os.environ["CDAP_DATA_DIR"]).expanduser()
-    return cache_root() / "data"
-
-
 def check_writable(path: Path, what: str) -> None:
     """`path` is a folder we can write into, or can be created: else one line naming it.
 
@@ -440,6 +431,25 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
             f"{path}: unknown config key(s) {sorted(unknown)}; valid keys: {', '.join(_FIELDS)}"
         )
     return data
+
+
+def expand_preset(name_or_path: str) -> tuple[list[tuple[dict[str, Any], str]], dict | None]:
+    """([(mapping, source)], shared): a group preset's members in order, each member's mapping
+    over the group's own keys (`shared`), or, for a plain preset, itself alone (`shared`: None).
+    A group's `runs` must be a non-empty list of presets none of which is itself a group."""
+    preset = read_preset(name_or_path)
+    members = preset.pop("runs", None)
+    if members is None:
+        return [(preset, name_or_path)], None
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{name_or_path}: `runs` must be a non-empty list of preset names")
+    out = []
+    for member in members:
+        sub = read_preset(member)
+        if "runs" in sub:
+            raise ConfigError(f"{name_or_path}: member {member!r} is itself a group")
+        out.append(({**preset, **sub}, member))
+    return out, preset
 
 
 def build_config(

@@ -16,14 +16,12 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import time
 from contextlib import nullcontext
 from hashlib import sha1
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +29,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from benchmark.atomic import DamagedFile, read_json
 from benchmark.basemodel import cpu_description, fingerprint, load_base_model, shipped_name
 from benchmark.checkpoint import (
     CHECKPOINT,
+    Resumed,
     find_checkpoint,
     load_checkpoint,
+    read_meta,
     resume_state,
     save_checkpoint,
     verify_checkpoint,
@@ -49,14 +48,13 @@ from benchmark.headwarmup import warm_up as warm_up_head
 from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
-from benchmark.record import NotFinite, RunRecord, load, save
+from benchmark.record import NotFinite, RunRecord, load, package_versions, save
 from benchmark.training import dap_train, finetune_and_test
 from methods import Method, build_method, get_method_class
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
 PROGRESS = "progress.json"
-PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
 
 
 def run_dir_for(out: Path, cfg: RunConfig, legacy: bool = False) -> Path:
@@ -70,12 +68,7 @@ def run_dir_for(out: Path, cfg: RunConfig, legacy: bool = False) -> Path:
 
 
 def environment() -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
@@ -145,7 +138,7 @@ def check_same_data(data: dict[str, str], meta: dict[str, Any], checkpoint: Path
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool,
                     main: bool = True, data: dict[str, str] | None = None
-                    ) -> tuple[Path, dict, RunRecord] | None:
+                    ) -> Resumed | None:
     """Check the run directory against the request and return the state to resume from, if
     any: (checkpoint, its meta, the record). The checkpoint's files must match their recorded
     sha256 and `data` (the suite's `data_digest`, when given) the one recorded with it. Every
@@ -160,11 +153,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
         progress = load(run_dir / PROGRESS) if (run_dir / PROGRESS).exists() else None
         checkpoint = find_checkpoint(run_dir)
         if checkpoint is not None:
-            meta = read_json(checkpoint / "meta.json")
-            if not isinstance(meta, dict) or not isinstance(meta.get("domain"), int):
-                raise DamagedFile(f"{checkpoint / 'meta.json'} is damaged (no domain index)")
-            stored = (checkpoint, meta, resume_state(meta, progress))
-            check_same_config(cfg, stored[2], run_dir)
+            meta = read_meta(checkpoint)
+            stored = Resumed(checkpoint, meta, resume_state(meta, progress))
+            check_same_config(cfg, stored.record, run_dir)
             verify_checkpoint(checkpoint, meta)
             if data is not None:
                 check_same_data(data, meta, checkpoint)
@@ -247,7 +238,7 @@ def tidy(run_dir: Path, keep_checkpoint: bool) -> None:
 
 
 def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
-                 stored: tuple[Path, dict, RunRecord] | None, cache: str | None,
+                 stored: Resumed | None, cache: str | None,
                  data: dict[str, str] | None = None) -> RunRecord:
     """θ0, then for every domain: DAP-train and checkpoint it (with `data`, the suite's data
     digest), fine-tune the row's tasks."""
@@ -314,7 +305,7 @@ def context_for(cfg: RunConfig, suite, names: list[str], model, tokenizer,
                    _base=copy.deepcopy(model), run_seed=cfg.seed, compute=compute)
 
 
-def resume_from(stored: tuple[Path, dict, RunRecord], ctx: Context, method: Method,
+def resume_from(stored: Resumed, ctx: Context, method: Method,
                 fresh: RunRecord) -> RunRecord:
     """Load the checkpoint into the model and method; the stored record, checked against θ0."""
     path, meta, record = stored
@@ -441,12 +432,12 @@ def track_domain(accelerator: Accelerator, progress: RunRecord, names: list[str]
     for metric in ("mf1", "acc"):
         lines = ["| after domain / task | " + " | ".join(names[:t + 1]) + " |",
                  "|---" * (t + 2) + "|"]
-        for s, row in enumerate(progress[metric][:t + 1]):
+        for s, row in enumerate(getattr(progress, metric)[:t + 1]):
             cells = ["–" if v is None else f"{v:.2f}" for v in row]
             lines.append(f"| {names[s]} | " + " | ".join(cells) + " |")
         values[f"A_{metric}"] = "\n".join(lines)
-    if len(progress["general_mlm_loss"]) > t + 1:  # [0] is θ0's
-        values["general_mlm_loss"] = progress["general_mlm_loss"][t + 1]
+    if len(progress.general_mlm_loss) > t + 1:  # [0] is θ0's
+        values["general_mlm_loss"] = progress.general_mlm_loss[t + 1]
     accelerator.log(values, step=t)
 
 

@@ -5,18 +5,32 @@ writes it through `save`; `tables.py` reads records through `load`, never raw di
 before the schema had a version (no `schema` key: version 1) load unchanged; fields added since
 get their defaults (`base_fingerprint: None`: θ0 unknown; `protocol: "finetune"`, the only one
 before schema 3; `collapsed`: None in every cell, not recorded; `base_name`, `kernels` and
-`final_fingerprint`: None, `mlm_loss` and `compute`: empty, not recorded, as in every file made
-before 2026-12-08).
+`final_fingerprint`: None, `mlm_loss` and `compute`: empty, not recorded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import platform
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from benchmark.atomic import DamagedFile, read_json, write_json_atomic
+
+PACKAGES = ("torch", "transformers", "datasets", "accelerate", "adapters", "peft", "tokenizers")
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """{"python": its version, package: its installed version or None} for a record."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 SCHEMA = 3  # 2: schema, base_fingerprint, head_warmup_loss always present; 3: protocol, collapsed
 
@@ -40,7 +54,7 @@ class RunRecord:
     versions: dict[str, Any] = field(default_factory=dict)  # python and package versions
     git_commit: str | None = None
     threads: int | None = None  # torch threads of the run (they can move the last bits)
-    cpu: str | None = None  # loop.cpu_description() (None: not recorded, before 2026-12-01)
+    cpu: str | None = None  # loop.cpu_description() (None: not recorded)
     base_fingerprint: str | None = None  # sha256 of θ0's state dict (None: unknown, schema 1)
     # the shipped θ0 (benchmark/theta0/manifest.json) with that fingerprint; None: not a shipped
     # one (a hub / local model, a θ0 pretrained here) or not recorded
@@ -63,12 +77,12 @@ class RunRecord:
     general_mlm_loss: list[float] = field(default_factory=list)  # θ0, then after each domain
     # the MLM-loss matrix: row 0 θ0's, row t + 1 after DAP-training domain t; one loss per
     # domain of the run (its held-out text, `Context.heldout_corpus`), future ones included.
-    # Empty: not recorded (files made before 2026-12-08, or a run resumed from one).
+    # Empty: not recorded (a file without the field, or a run resumed from one).
     mlm_loss: list[list[float]] = field(default_factory=list)
     head_warmup_loss: list[float] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     # per phase (head_warmup, method, dap, finetune | probe): {"tokens": int, "flops": float},
-    # counted as the run spends them (benchmark/compute.py); {}: not recorded (before 2026-12-08)
+    # counted as the run spends them (benchmark/compute.py); {}: not recorded
     compute: dict[str, dict[str, float]] = field(default_factory=dict)
     resumed_at: list[int] = field(default_factory=list)
     finished: bool = False
@@ -81,12 +95,6 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def __getitem__(self, key: str) -> Any:
-        """`record["mf1"]`: the field, for code written against the JSON dict."""
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "record") -> RunRecord:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.atomic import DamagedFile
+from benchmark.method_info import declared
 from benchmark.metrics import (
     average_matrices,
     diagonal,
@@ -28,7 +29,6 @@ from benchmark.metrics import (
     mean_gain,
 )
 from benchmark.record import load
-from methods import available_methods
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def run_identity(res: dict) -> str:
 
 def _row_key(row: str) -> tuple[float, str]:
     """Rows sort by the `table_rank` of the method their label starts with ("das w/o contrast"
-    sits with `das`), then by label; labels of unranked or unknown methods come last."""
-    method = available_methods().get(row.split()[0])
-    rank = method.table_rank if method is not None else None
+    sits with `das`), then by label; labels of unranked or unknown methods come last. The rank
+    is read from the method's source (`benchmark.method_info`): sorting imports no torch."""
+    rank = declared("table_rank").get(row.split()[0])
     return (math.inf if rank is None else rank, row)
 
 
@@ -133,7 +133,7 @@ def _warn_mixed_protocols(key: tuple, by_row: dict[str, list[dict]]) -> None:
 
 def _protocol_caption(by_row: dict[str, list[dict]]) -> str:
     used = sorted({protocol_of(r) for runs in by_row.values() for r in runs})
-    dap = DAP_ONCE_NOTE if any(_dap_seed_mark(runs) for runs in by_row.values()) else ""
+    dap = _dap_once_note(by_row)
     if len(used) == 1:
         return f"by {PROTOCOLS.get(used[0], used[0])}" + dap
     return ("MIXED protocols (" + ", ".join(PROTOCOLS.get(p, p) for p in used)
@@ -159,6 +159,11 @@ def _dap_seed_mark(runs: list[dict]) -> str:
     if seeds == {None}:
         return ""
     return f" {DAP_ONCE}{seeds.pop()}" if len(seeds) == 1 else f" {DAP_ONCE}mixed"
+
+
+def _dap_once_note(by_row: dict[str, list[dict]]) -> str:
+    """The heading's note on the ◦S mark where a row of the table carries it, else ""."""
+    return DAP_ONCE_NOTE if any(_dap_seed_mark(runs) for runs in by_row.values()) else ""
 
 
 def _row_label(row: str, runs: list[dict]) -> str:
@@ -289,7 +294,7 @@ def build_compute_tables(
             total = _compute_mean(runs, PHASES, "flops")
             reference = cpt.get("ncl")
             records.append({
-                "method": row, "seeds": len(runs),
+                "method": row + _dap_seed_mark(runs), "seeds": len(runs),
                 f"Avg {METRICS[metric]}": _cell([float(np.mean(final_row(r[metric])))
                                                  for r in sorted(runs, key=lambda r: r["seed"])]),
                 "DAP tokens": tokens(_compute_mean(runs, ("dap",), "tokens")),
@@ -302,7 +307,7 @@ def build_compute_tables(
                           else "–"),
             })
         heading = (f"{suite} ({profile}), order {order}: score and training compute per run, "
-                   "mean over seeds")
+                   "mean over seeds" + _dap_once_note(by_row))
         tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
 
@@ -558,7 +563,8 @@ def build_vs_tables(
                 low = high = float("nan")
             excludes = bool(low > 0 or high < 0)
             records.append({
-                "method": row, "seeds": n, f"Δ Avg {title}": f"{diff:+.{digits}f}",
+                "method": row + _dap_seed_mark(by_row[row]), "seeds": n,
+                f"Δ Avg {title}": f"{diff:+.{digits}f}",
                 "95 % interval": "–" if np.isnan(low) else
                 f"[{low:+.{digits}f}, {high:+.{digits}f}]",
                 "interval": how, "≠ 0": "*" if excludes else "",
@@ -566,7 +572,7 @@ def build_vs_tables(
         if not records:
             continue
         heading = (f"{suite} ({profile}), order {order}: average {title} of the last row "
-                   f"against `{reference}`, 95 % interval over seeds")
+                   f"against `{reference}`, 95 % interval over seeds" + _dap_once_note(by_row))
         tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
 
@@ -586,7 +592,7 @@ def vs_note(reference: str) -> str:
 
 def mlm_matrix(res: dict) -> np.ndarray | None:
     """A run's MLM-loss matrix as (T + 1) × T: row 0 θ0's, row t + 1 after domain t; None where
-    the run did not record it (results made before 2026-12-08)."""
+    the run did not record it (a record without `mlm_loss`)."""
     rows = res.get("mlm_loss") or []
     if len(rows) != len(res["domains"]) + 1:
         return None
@@ -640,8 +646,7 @@ def build_mlm_tables(results: list[dict],
             with_matrix = [(r, m) for r in runs if (m := mlm_matrix(r)) is not None]
             if not with_matrix:
                 continue
-            record = {"method": row + (" †" if runs[0]["needs_domain_id"] else ""),
-                      "seeds": len(with_matrix)}
+            record = {"method": _row_label(row, runs), "seeds": len(with_matrix)}
             for i, domain in enumerate(domains):
                 record[domain] = _cell3([float(m[-1, i]) for _, m in with_matrix])
             summaries = [mlm_summary(m) for _, m in with_matrix]
@@ -656,7 +661,7 @@ def build_mlm_tables(results: list[dict],
             continue
         heading = (f"{suite} ({profile}), order {order}: held-out MLM loss after the last domain "
                    "L[T][i] and its forgetting and transfer (loss units, lower loss is better), "
-                   "mean ± std over seeds")
+                   "mean ± std over seeds" + _dap_once_note(by_row))
         tables.append((heading, pd.DataFrame.from_records(records)))
     return tables
 

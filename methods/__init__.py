@@ -6,11 +6,13 @@ through the `benchmark.methods` entry-point group (`name = "package.module:Class
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import benchmark.compat  # noqa: F401  (torchvision without its operators: see there)
 from benchmark.config import knob, non_negative, positive, read_yaml, validate
@@ -24,6 +26,7 @@ __all__ = [
     "MethodError",
     "available_methods",
     "build_method",
+    "describe_args",
     "get_method_class",
     "knob",
     "non_negative",
@@ -33,7 +36,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
-_SHARED_MODULES = {"base", "modeling", "gates", "buffer", "isolation"}
+_SHARED_MODULES = {"base", "modeling", "gates", "buffer", "isolation", "importance_figures"}
 _loaded = False
 
 
@@ -95,6 +98,27 @@ def method_defaults(cls: type[Method]) -> dict[str, Any]:
         raise MethodError(f"{path}: must be a mapping of {cls.name}'s arguments to values")
     validate(cls.Args, section, str(path), f"method {cls.name!r}: ")
     return section
+
+
+def describe_args(cls: type[Method]) -> list[tuple[str, str, str, str]]:
+    """[(option, type, default, help)] of a method's `Args`, in declaration order: what
+    `python -m benchmark list methods --args NAME` prints. The defaults are the ones the method
+    runs with (a variant's YAML beside its module included)."""
+    hints = get_type_hints(cls.Args)
+    defaults = vars(cls.Args())
+    defaults.update(method_defaults(cls))
+    return [(f.name, _type_name(hints[f.name]), repr(defaults[f.name]), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls.Args)]
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "{" + ",".join(str(a) for a in get_args(hint)) + "}"
+    if get_origin(hint) in (list, tuple, dict):
+        return f"{get_origin(hint).__name__} of " + ", ".join(_type_name(a) for a in get_args(hint))
+    if get_origin(hint) in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in get_args(hint))
+    return getattr(hint, "__name__", str(hint))
 
 
 def build_method(name: str, overrides: dict[str, Any] | None = None,

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmark.config import knob
 from methods import Method, MethodError, register
 from methods.modeling import MLMOutput, encoder_of, mlm_head_of
 
@@ -380,9 +381,9 @@ class AvalancheMethod(Method):
 # else values sized for the syn6 default profile.
 @dataclass
 class MASArgs:
-    lambda_reg: float = 1.0  # weight of the penalty Σ Ω (θ − θ*)²
-    alpha: float = 0.5  # Ω ← α Ω_old + (1 − α) Ω_new
-    sequences: int = 512  # sequences of each domain the importance pass reads
+    lambda_reg: float = knob(1.0, "weight of the penalty Σ Ω (θ − θ*)²")
+    alpha: float = knob(0.5, "Ω ← α Ω_old + (1 − α) Ω_new")
+    sequences: int = knob(512, "sequences of each domain the importance pass reads")
 
 
 @register("avl-mas")
@@ -396,8 +397,8 @@ class AvlMAS(AvalancheMethod):
 
 @dataclass
 class SIArgs:
-    si_lambda: float = 1.0  # weight of the penalty Σ Ω (θ − θ*)²
-    eps: float = 1e-7  # damping of Ω = Σ −g Δθ / (Δθ_domain² + eps)
+    si_lambda: float = knob(1.0, "weight of the penalty Σ Ω (θ − θ*)²")
+    eps: float = knob(1e-7, "damping of Ω = Σ −g Δθ / (Δθ_domain² + eps)")
 
 
 @register("avl-si")
@@ -413,9 +414,9 @@ class AvlSI(AvalancheMethod):
 
 @dataclass
 class RWalkArgs:
-    ewc_lambda: float = 0.1  # weight of the penalty
-    ewc_alpha: float = 0.9  # moving-average factor of the Fisher (EWC++)
-    delta_t: int = 10  # steps between score updates
+    ewc_lambda: float = knob(0.1, "weight of the penalty")
+    ewc_alpha: float = knob(0.9, "moving-average factor of the Fisher (EWC++)")
+    delta_t: int = knob(10, "steps between score updates")
 
 
 @register("avl-rwalk")
@@ -431,9 +432,9 @@ class AvlRWalk(AvalancheMethod):
 
 @dataclass
 class AGEMArgs:
-    patterns_per_experience: int = 256  # sequences of each domain kept in memory
-    sample_size: int = 64  # memory sequences per reference gradient
-    sequences: int = 512  # sequences of each domain the memory is drawn from
+    patterns_per_experience: int = knob(256, "sequences of each domain kept in memory")
+    sample_size: int = knob(64, "memory sequences per reference gradient")
+    sequences: int = knob(512, "sequences of each domain the memory is drawn from")
 
 
 @register("avl-agem")
@@ -454,9 +455,9 @@ class AvlAGEM(AvalancheMethod):
 
 @dataclass
 class GEMArgs:
-    patterns_per_experience: int = 32  # sequences of each domain kept in memory
-    memory_strength: float = 0.5  # γ, the margin of the projection's constraints
-    sequences: int = 512  # sequences of each domain the memory is drawn from
+    patterns_per_experience: int = knob(32, "sequences of each domain kept in memory")
+    memory_strength: float = knob(0.5, "γ, the margin of the projection's constraints")
+    sequences: int = knob(512, "sequences of each domain the memory is drawn from")
 
 
 @register("avl-gem")
@@ -470,11 +471,12 @@ class AvlGEM(AvalancheMethod):
 
 @dataclass
 class EWCArgs:
-    lam: float = 5000.0  # λ in our convention, λ/2 · Σ F (θ − θ*)²: the plugin gets λ/2
-    # Avalanche's "separate" (one penalty per domain) or "online"
-    mode: Literal["separate", "online"] = "separate"
-    decay_factor: float = 1.0  # the "online" mode's Fisher decay
-    sequences: int = 512  # sequences of each domain the Fisher is estimated on
+    lam: float = knob(5000.0, "λ in our convention, λ/2 · Σ F (θ − θ*)²: the plugin gets λ/2")
+    mode: Literal["separate", "online"] = knob(
+        "separate",
+        "Avalanche's \"separate\" (one penalty per domain) or \"online\"")
+    decay_factor: float = knob(1.0, "the \"online\" mode's Fisher decay")
+    sequences: int = knob(512, "sequences of each domain the Fisher is estimated on")
 
 
 @register("avl-ewc")

@@ -75,6 +75,22 @@ class Method:
     # Table 1: references, the isolation rows, NCL and its variants, the continual baselines,
     # DAS. None: after every ranked method, by row label.
     table_rank: ClassVar[int | None] = None
+    # The cost of one DAP step for `sweep --dry-run`'s estimate: (the measured s/step figure it
+    # scales, "ncl" or "das", see benchmark/data/timings.json; a factor on it). None: the method
+    # does no DAP-training (its estimate is fine-tuning only).
+    dap_cost: ClassVar[tuple[str, float] | None] = ("ncl", 1.0)
+    # The passes `bench` times outside the DAP steps and reports with their share of the DAP
+    # time: {"label": what they compute, "before": the pass of `before_domain` on the first
+    # domain, "after": the pass of `after_domain`}, both scaled to `importance_batches`. None:
+    # the method's before/after-domain work is not reported.
+    timed_passes: ClassVar[dict[str, str] | None] = None
+
+    @classmethod
+    def draw_artifacts(cls, folders: list[Path], domains: list[str], row: str, out: Path,
+                       fmt: str, written: list[Path]) -> None:
+        """Draw the row's saved artefacts (`save_artifact`) for `python -m benchmark plot`:
+        `folders` are the `artifacts` folders of the row's runs (one per seed); append every
+        figure written under `out` (file suffix `fmt`) to `written`. Default: nothing."""
 
     def __init__(self, args: Any = None) -> None:
         self.args = args if args is not None else self.Args()

@@ -50,7 +50,7 @@ seven places; each is an argument here whose default is the published form, so a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Literal
 
@@ -61,7 +61,11 @@ from torch import Tensor
 from methods import Method, knob, positive, register
 from methods.gates import (
     KINDS,
+    Form,
     Importance,
+    Kind,
+    Placement,
+    QkvSoftmask,
     UnitGates,
     accumulate,
     gate_gradients,
@@ -71,38 +75,51 @@ from methods.gates import (
 from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
 
 log = logging.getLogger(__name__)
-Kind = Literal["head", "intermediate", "output"]  # gates.KINDS
 
 
 @dataclass
 class Args:
     """The paper's settings: contrastive temperature 0.05, weight 1; |grad| importance."""
 
-    # unit kinds DAS acts on (the companion's layer_to_mask); the others are neither gated in
-    # the contrast's view nor soft-masked
-    units: list[Kind] = field(default_factory=lambda: list(KINDS))
-    softmask: bool = True  # RQ3: false = no soft-masking
-    softmask_units: list[Kind] = field(default_factory=lambda: list(KINDS))  # RQ3 heads/FFN only
-    # abs: mean |∂L/∂g| (paper) | signed | companion-cumulative (see gates.gate_gradients)
-    importance_form: Literal["abs", "signed", "companion-cumulative"] = "abs"
-    # none | permute (RQ3 random) | binary (RQ3 hard mask)
-    importance_transform: Literal["none", "permute", "binary"] = "none"
-    hard_threshold: float = 0.5
-    # kl | mlm (general corpus) | random | none (RQ5)
-    general_importance: Literal["kl", "mlm", "random", "none"] = "kl"
-    contrast: Literal["full", "past-only", "general-only", "none"] = "full"  # RQ4
-    contrast_weight: float = 1.0
-    temperature: float = knob(0.05, check=positive)
-    gated_view_grad: bool = True  # false: a faster variant with a detached gated view
-    # as published (default) vs as released in the companion code; see the module docstring
-    # dropout: x with itself | companion: x_2i+1 with x_2i
-    contrast_pairs: Literal["dropout", "companion"] = "dropout"
-    # dropout: two dropout views | companion: against θ0, eval mode, masked input
-    kl_proxy: Literal["dropout", "companion"] = "dropout"
-    domain_importance_input: Literal["masked", "unmasked"] = "masked"  # unmasked: companion
-    intermediate_gate: Literal["post", "pre"] = "post"  # pre: before the activation (companion)
-    # rows: a head's Q/K/V rows | companion: Q/K/V columns and the attention-output bias
-    qkv_softmask: Literal["rows", "companion"] = "rows"
+    units: list[Kind] = knob(list(KINDS), "unit kinds DAS acts on (the companion's "
+                             "layer_to_mask); the others are neither gated in the contrast's "
+                             "view nor soft-masked")
+    softmask: bool = knob(True, "soft-mask each unit's gradients by (1 - its accumulated "
+                          "importance); false: no soft-masking (RQ3)")
+    softmask_units: list[Kind] = knob(list(KINDS), "the unit kinds soft-masked (RQ3: heads or "
+                                      "FFN only)")
+    importance_form: Form = knob("abs", "how gate gradients become importance: abs, mean "
+                                 "|dL/dg| (the paper) | signed | companion-cumulative (see "
+                                 "methods.gates.gate_gradients)")
+    importance_transform: Literal["none", "permute", "binary"] = knob(
+        "none", "none | permute: importance shuffled over units (RQ3 random) | binary: a hard "
+        "mask at hard_threshold (RQ3)")
+    hard_threshold: float = knob(0.5, "the threshold of importance_transform binary")
+    general_importance: Literal["kl", "mlm", "random", "none"] = knob(
+        "kl", "the general-knowledge importance before the first domain: kl (the KL proxy) | "
+        "mlm (the MLM loss on the general corpus) | random | none (RQ5)")
+    contrast: Literal["full", "past-only", "general-only", "none"] = knob(
+        "full", "what the gated view of the contrastive loss keeps: full (general and past "
+        "domains) | past-only | general-only | none: no contrastive loss (RQ4)")
+    contrast_weight: float = knob(1.0, "weight of the contrastive loss beside the MLM loss")
+    temperature: float = knob(0.05, "InfoNCE temperature", check=positive)
+    gated_view_grad: bool = knob(True, "backpropagate through the gated view; false: a faster "
+                                 "variant with the gated view detached")
+    contrast_pairs: Literal["dropout", "companion"] = knob(
+        "dropout", "the contrastive pairs: dropout, a sequence with its second dropout view "
+        "(the paper) | companion: x_2i+1 with x_2i, as the companion code (module docstring, 1)")
+    kl_proxy: Literal["dropout", "companion"] = knob(
+        "dropout", "the KL proxy: dropout, two dropout views of the clean input (the paper) | "
+        "companion: against θ0, eval mode, masked input (module docstring, 2)")
+    domain_importance_input: Literal["masked", "unmasked"] = knob(
+        "masked", "the MLM loss of the importance passes on the masked input (the paper) | "
+        "unmasked: on the clean input ids (the companion code; module docstring, 4)")
+    intermediate_gate: Placement = knob(
+        "post", "where an FFN intermediate unit's gate sits: post, after the activation (the "
+        "paper) | pre: before it (the companion code; module docstring, 5)")
+    qkv_softmask: QkvSoftmask = knob(
+        "rows", "how a head's importance soft-masks attention: rows, the head's Q/K/V rows (the "
+        "paper) | companion: Q/K/V columns and the attention-output bias (module docstring, 6)")
 
 
 
@@ -126,6 +143,15 @@ def info_nce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: f
 class DAS(Method):
     """Soft-masking of units by importance (KL proxy + domains) and contrastive integration."""
     table_rank = 160
+    dap_cost = ("das", 1.0)
+    timed_passes = {"label": "importance", "before": "KL proxy", "after": "domain importance"}
+
+    @classmethod
+    def draw_artifacts(cls, folders, domains, row, out, fmt, written):
+        """The saved unit importance: `methods/importance_figures.py`."""
+        from methods.importance_figures import draw_importance
+
+        draw_importance(folders, domains, row, out, fmt, written)
 
     Args = Args
 

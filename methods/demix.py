@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from benchmark.config import knob
 from methods import register
 from methods.isolation import AdapterArgs, IsolationMethod
 from methods.modeling import encoder_of, mlm_forward, mlm_head_of
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemixArgs(AdapterArgs):
-    mixture: bool = False  # end task: likelihood-weighted mixture of experts instead of expert i
-    ppl_batches: int = 8  # batches of the new corpus scored per candidate expert
-    pll_groups: int = 5  # mixture: tokens masked in this many interleaved passes per input
+    mixture: bool = knob(
+        False,
+        "end task: likelihood-weighted mixture of experts instead of expert i")
+    ppl_batches: int = knob(8, "batches of the new corpus scored per candidate expert")
+    pll_groups: int = knob(5, "mixture: tokens masked in this many interleaved passes per input")
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ ContinualLM, commit 57e498c, `networks/baselines/ewc.py`):
   the number of batches makes F's scale independent of how many batches are drawn);
 - `utils/model.py` l.300–301: λ = 5000, the best of the authors' grid.
 
-`fisher_form: per-sequence` is the form this package ran before, as in the HAT authors'
-`fisher_matrix_diag`: the gradient of `L_mlm` alone, `Σ_B |B| · g_B²` divided by the number
-of sequences (with `fisher_batch_size: 0`, the DAP batch size, it reproduces the earlier rows).
+`fisher_form: per-sequence` is the form of the HAT authors' `fisher_matrix_diag`: the
+gradient of `L_mlm` alone, `Σ_B |B| · g_B²` divided by the number of sequences
+(`fisher_batch_size: 0` batches the Fisher pass as the DAP steps are batched).
 `merge: sum` adds the domains' Fishers instead of averaging them.
 """
 
@@ -42,15 +42,19 @@ from methods.modeling import mlm_forward
 
 @dataclass
 class Args:
-    lam: float = 5000.0  # λ; the companion code's grid best
-    # "companion" (Σ|B|g²/batches, penalty in) or "per-sequence"
-    fisher_form: Literal["companion", "per-sequence"] = "companion"
-    # sequences of each domain the Fisher is estimated on
-    fisher_sequences: int = knob(512, check=positive)
-    # the companion code's 100; 0: the DAP batch size
-    fisher_batch_size: int = knob(100, check=non_negative)
-    # how per-domain Fishers accumulate: "mean" (companion code) or "sum"
-    merge: Literal["mean", "sum"] = "mean"
+    lam: float = knob(5000.0, "λ; the companion code's grid best")
+    fisher_form: Literal["companion", "per-sequence"] = knob(
+        "companion",
+        "\"companion\" (Σ|B|g²/batches, penalty in) or \"per-sequence\"")
+    fisher_sequences: int = knob(
+        512,
+        "sequences of each domain the Fisher is estimated on", check=positive)
+    fisher_batch_size: int = knob(
+        100,
+        "the companion code's 100; 0: the DAP batch size", check=non_negative)
+    merge: Literal["mean", "sum"] = knob(
+        "mean",
+        "how per-domain Fishers accumulate: \"mean\" (companion code) or \"sum\"")
 
 
 @register("ewc")

@@ -15,16 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from methods.modeling import encoder_of
 
-KINDS = ("head", "intermediate", "output")
-PLACEMENTS = ("post", "pre")  # where an intermediate neuron's gate sits: after / before the act.
-FORMS = ("abs", "signed", "companion-cumulative")  # how gate gradients are aggregated
-QKV = ("rows", "companion")  # how a head's importance soft-masks the attention weights
+Kind = Literal["head", "intermediate", "output"]
+KINDS: tuple[str, ...] = get_args(Kind)
+# where an intermediate neuron's gate sits: after / before the activation
+Placement = Literal["post", "pre"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+Form = Literal["abs", "signed", "companion-cumulative"]  # how gate gradients are aggregated
+FORMS: tuple[str, ...] = get_args(Form)
+# how a head's importance soft-masks the attention weights
+QkvSoftmask = Literal["rows", "companion"]
+QKV: tuple[str, ...] = get_args(QkvSoftmask)
 Importance = dict[str, Tensor]  # kind -> [layers, units]
 
 

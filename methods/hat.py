@@ -24,8 +24,8 @@ units of `methods.gates`). While training domain t every unit is gated by a_t = 
   l.148-151);
 - L = L_mlm + c · Σ a_t (1 − a^{<t}) / Σ (1 − a^{<t}) (§2.6; code l.196-209; the companion
   `networks/baselines/hat.py` l.54-75 alike).
-`form: binary` is this package's earlier form (how its committed `hat` rows were made, with
-`anneal: domain`; preset `zoo-hat-binary`): m_t = [σ(s_max · e_t) > 0.5], m_≤t = max, and every
+`form: binary` with `anneal: domain` (preset `zoo-hat-binary`; how the `hat` rows committed
+under results/ were made): m_t = [σ(s_max · e_t) > 0.5], m_≤t = max, and every
 parameter row of a unit in m_<t has its gradient zeroed (`gates.softmask_gradients`).
 End task i is fine-tuned on the encoder gated by a_i (m_i in the binary form). Embeddings,
 LayerNorms and the attention-output bias are shared and not masked (as in DAS). The companion's
@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from benchmark.config import knob
 from methods import Method, register
 from methods.base import DapPlan
 from methods.gates import KINDS, Importance, UnitGates, softmask_gradients
@@ -56,16 +57,19 @@ log = logging.getLogger(__name__)
 class Args:
     """s_max = 400, c = 0.75, thres_cosh = 50, thres_emb = 6: the companion code's defaults."""
 
-    s_max: float = 400.0
-    c: float = 0.75  # weight of the sparsity regulariser (companion code's `lamb`)
-    thres_cosh: float = 50.0
-    thres_emb: float = 6.0
-    # paper: continuous attention and the 1 − min(a_out, a_in) gradient scaling (§2.3);
-    # binary: binarised masks, gradients of a used unit's rows zeroed (the earlier form)
-    form: Literal["paper", "binary"] = "paper"
-    # paper: (b−1)/(B−1) within each epoch (§2.4); code: (b−1)/B (HAT's and the companion's
-    # code); domain: over the domain's steps (the earlier form)
-    anneal: Literal["paper", "code", "domain"] = "paper"
+    s_max: float = knob(400.0, "the largest gate scale s of σ(s·e), reached by the anneal "
+                        "(HAT §2.4)")
+    c: float = knob(0.75, "weight of the sparsity regulariser (companion code's `lamb`)")
+    thres_cosh: float = knob(50.0, "clamp of s·e in the cosh of the gate-gradient compensation")
+    thres_emb: float = knob(6.0, "clamp of the gate embeddings e to [-thres_emb, thres_emb]")
+    form: Literal["paper", "binary"] = knob(
+        "paper",
+        "paper: continuous attention and the 1 − min(a_out, a_in) gradient scaling "
+        "(§2.3); binary: binarised masks, gradients of a used unit's rows zeroed")
+    anneal: Literal["paper", "code", "domain"] = knob(
+        "paper",
+        "paper: (b−1)/(B−1) within each epoch (§2.4); code: (b−1)/B (HAT's and the "
+        "companion's code); domain: over the domain's steps")
 
 
 @register("hat")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -44,43 +44,56 @@ class AdapterArgs:
     """The companion code adds one adapter after each FFN block ("no mh_adapter"), i.e. the
     Pfeiffer / seq_bn layout, with the library's default width. End task: the adapter and the
     head train, the LM is frozen (the companion's `train_adapter`, ContinualLM `utils/model.py`
-    l.415); `ft_train_lm: true` fine-tunes the LM with the adapter (this package's form before
-    2026-12-08, how its committed adapter rows were made)."""
+    l.415); `ft_train_lm: true` fine-tunes the LM with the adapter (how the adapter rows
+    committed under results/ were made)."""
 
-    adapter_config: str = "seq_bn"  # an `adapters` config name: seq_bn (Pfeiffer), double_seq_bn
-    reduction_factor: int = 16  # bottleneck width = hidden size / reduction_factor
-    ft_train_lm: bool = False  # end task: fine-tune the LM with the module (else the module only)
+    adapter_config: str = knob(
+        "seq_bn",
+        "an `adapters` config name: seq_bn (Pfeiffer), double_seq_bn")
+    reduction_factor: int = knob(16, "bottleneck width = hidden size / reduction_factor")
+    ft_train_lm: bool = knob(
+        False,
+        "end task: fine-tune the LM with the module (else the module only)")
 
 
 @dataclass
 class LoraArgs:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    # the companion code has no LoRA row; the LM is frozen at end-task time as for its adapters
-    ft_train_lm: bool = False
+    r: int = knob(8, "LoRA rank")
+    alpha: int = knob(16, "LoRA scaling α: the update is α/r · BA")
+    dropout: float = knob(0.0, "dropout on the input of the LoRA update")
+    targets: list[str] = knob(["query", "value"], "names of the modules LoRA wraps (peft's "
+                              "target_modules)")
+    ft_train_lm: bool = knob(
+        False,
+        "end task: fine-tune the LM with the module (else the module only, the LM frozen as "
+        "for the companion code's adapters; it has no LoRA row)")
 
 
 @dataclass
 class PromptArgs:
-    # the companion code's 100 (DGA networks/roberta_model.py l.43, ContinualLM config.py
-    # l.286), cut to the positions max_length leaves free (48 on syn6: 64 − 16)
-    num_virtual_tokens: int = knob(100, check=positive)
-    # "uniform": U(−0.5, 0.5) as DGA networks/roberta_model.py l.47–51; "vocab": word embedding
-    # rows drawn at random (peft's SAMPLE_VOCAB, the earlier default)
-    prompt_init: Literal["uniform", "vocab"] = "uniform"
-    # end task: the classifier and the prompt train, the LM is frozen (ContinualLM
-    # utils/model.py l.373-380); true fine-tunes the LM too
-    ft_train_lm: bool = False
-    # end task: "dap" runs the domain's DAP-trained prompt, appended as at DAP. "companion" is
-    # what the companion's prompt fine-tuning does: a fresh prompt copied from the first
-    # num_virtual_tokens rows of the word embeddings (ContinualLM networks/prompt/tuning.py
-    # l.8-9, called by utils/model.py l.379-380 for every `one` baseline) prepended to the
-    # real tokens (tuning.py l.36-37), so the head reads the first prompt token. Not the
-    # default: it never uses the DAP-trained prompt, so the row then measures prompt tuning on
-    # the frozen θ0 whatever DAP did, not DAP-Prompt.
-    prompt_finetune: Literal["dap", "companion"] = "dap"
+    num_virtual_tokens: int = knob(
+        100,
+        "prompt length: the companion code's 100 (DGA networks/roberta_model.py l.43, ContinualLM "
+        "config.py l.286), cut to the positions max_length leaves free (48 on syn6: "
+        "64 − 16)", check=positive)
+    prompt_init: Literal["uniform", "vocab"] = knob(
+        "uniform",
+        "\"uniform\": U(−0.5, 0.5) as DGA networks/roberta_model.py l.47–51; \"vocab\": "
+        "word embedding rows drawn at random (peft's SAMPLE_VOCAB)")
+    ft_train_lm: bool = knob(
+        False,
+        "end task: the classifier and the prompt train, the LM is frozen (ContinualLM"
+        " utils/model.py l.373-380); true fine-tunes the LM too")
+    prompt_finetune: Literal["dap", "companion"] = knob(
+        "dap",
+        "end task: \"dap\" runs the domain's DAP-trained prompt, appended as at DAP. "
+        "\"companion\" is what the companion's prompt fine-tuning does: a fresh prompt "
+        "copied from the first num_virtual_tokens rows of the word embeddings "
+        "(ContinualLM networks/prompt/tuning.py l.8-9, called by utils/model.py "
+        "l.379-380 for every `one` baseline) prepended to the real tokens (tuning.py "
+        "l.36-37), so the head reads the first prompt token. Not the default: it "
+        "never uses the DAP-trained prompt, so the row then measures prompt tuning on"
+        " the frozen θ0 whatever DAP did, not DAP-Prompt.")
 
 
 # -- the three kinds of module -------------------------------------------------------------

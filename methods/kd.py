@@ -24,7 +24,7 @@ The companion code trains on fixed-length chunks without padding; here padded po
 left out of the softmax over the sequence, so a padded batch gives the mean over its
 sequences of the loss each would get alone, unpadded.
 
-`token` (the form this package ran before): a per-token KL(teacher ‖ student) over the hidden
+`token`: a per-token KL(teacher ‖ student) over the hidden
 dimension (`target: hidden`) or over the vocabulary at the masked positions (`target: logits`)
 on the masked input the student just saw, averaged over tokens; no teacher for the first
 domain; the teacher in eval mode. On the same hidden states it is 80–100 times smaller than
@@ -50,12 +50,14 @@ from methods.modeling import encoder_of, mlm_head_of
 
 @dataclass
 class Args:
-    weight: float = 1.0  # λ in L_mlm + λ · KL (companion: 1)
-    temperature: float = knob(1.0, check=positive)  # T (companion: DistillKL(1))
-    # "sequence" (companion code) or "token" (per-token KL, earlier form)
-    form: Literal["sequence", "token"] = "sequence"
-    # token form only: "hidden" (last hidden states) or "logits" (MLM)
-    target: Literal["hidden", "logits"] = "hidden"
+    weight: float = knob(1.0, "λ in L_mlm + λ · KL (companion: 1)")
+    temperature: float = knob(1.0, "T (companion: DistillKL(1))", check=positive)
+    form: Literal["sequence", "token"] = knob(
+        "sequence",
+        "\"sequence\" (companion code) or \"token\" (per-token KL)")
+    target: Literal["hidden", "logits"] = knob(
+        "hidden",
+        "token form only: \"hidden\" (last hidden states) or \"logits\" (MLM)")
 
 
 @register("kd")

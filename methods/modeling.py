@@ -56,11 +56,6 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def sentence_embedding(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    hidden = encoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)
-    return mean_pool(hidden.last_hidden_state, attention_mask)
-
-
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

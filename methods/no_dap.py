@@ -7,6 +7,7 @@ from methods import Method, register
 class NoDap(Method):
     """No DAP-training: fine-tune θ0 on every end task."""
     table_rank = 10
+    dap_cost = None
 
     past_tasks_unchanged = True
 

@@ -59,10 +59,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Args:
-    # r: the share of every DAP batch replayed (Ibrahim et al. 2024 study 1, 5, 25 %)
-    share: float = knob(0.05, check=below_one)
-    # what is replayed: general text, the earlier domains' corpora, or half of each
-    source: Literal["general", "past", "both"] = "general"
+    share: float = knob(
+        0.05,
+        "r: the share of every DAP batch replayed (Ibrahim et al. 2024 study 1, 5, 25"
+        " %)", check=below_one)
+    source: Literal["general", "past", "both"] = knob(
+        "general",
+        "what is replayed: general text, the earlier domains' corpora, or half of "
+        "each")
 
 
 def replay_rows(share: float, batch_size: int) -> int:

@@ -20,7 +20,7 @@ from datasets import Dataset, load_from_disk
 from tasks.registry import SuiteError
 
 # bump when a reader's output changes, to invalidate cached datasets
-# (2: invalid UTF-8 is replaced, no longer the whole file re-read as Latin-1)
+# (2: invalid UTF-8 is replaced, the rest of the file read as UTF-8)
 READER_VERSION = 2
 
 

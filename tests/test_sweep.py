@@ -216,6 +216,9 @@ def test_paper_grid_has_every_row_on_five_orders_and_three_seeds(tmp_path):
     ("methods: [ncl]\nrun_args: [--seed, '3']\n", "run_args"),
     ("methods: [ncl]\nrun_args: [--no-such-flag, '3']\n", "run_args"),
     ("methods: [ncl]\nrun_args: [--dap-steps, many]\n", "run_args"),
+    # `run`'s own parser says why (raised by it, not read back from its stderr)
+    ("methods: [ncl]\nrun_args: [--dap-steps, many]\n", "invalid int value: 'many'"),
+    ("methods: [ncl]\nrun_args: [--eval-matrix, sideways]\n", "invalid choice: 'sideways'"),
 ])
 def test_bad_grid_file_is_one_clear_line_and_exit_2(tmp_path, capsys, text, key):
     grid = tmp_path / "bad.yaml"
