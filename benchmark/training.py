@@ -36,58 +36,80 @@ def logged_steps(count: int, steps: int) -> list[int]:
     return [min(k * LOSS_EVERY, steps - 1) for k in range(count)]
 
 
-def domain_seed(seed: int, *parts: int) -> int:
-    """A seed for one phase of a run, independent of everything before it (resume-safe)."""
-    value = seed
-    for part in parts:
-        value = (value * 1_000_003 + part + 1) % (2**31 - 1)
-    return value
-
-
 def dap_train(ctx, method: Method, plan: DapPlan, t: int) -> list[float]:
     """DAP-train `ctx.model` on `plan` for domain t with the method's hooks; returns losses."""
     cfg = ctx.config
-    seed = domain_seed(cfg.seed, 1, t)
+    seed = ctx.seed_for("dap", t)
     set_seed(seed)
     ctx.model.train()
     params = method.parameters(ctx)
     optimizer = torch.optim.AdamW(params, lr=cfg.dap_lr, weight_decay=cfg.dap_weight_decay,
                                   eps=cfg.adam_eps)
     schedule = dap_schedule(optimizer, cfg, plan.steps, t, len(ctx.domains))
-    acc: Accelerator = ctx.accelerator
+    accelerator: Accelerator = ctx.accelerator
     # the model is not wrapped in DDP: methods run the body and the head directly, several
     # times a step (views, replay); each process takes a slice of the batch and the gradients
     # are averaged after backward, before the method's gradient hooks
-    model, optimizer = ctx.model, acc.prepare(optimizer)
+    model, optimizer = ctx.model, accelerator.prepare(optimizer)
     batches = ctx.mlm_batches(plan.data, seed)
     ctx.total_steps = plan.steps
     losses: list[float] = []
     bar = tqdm(range(plan.steps), desc=f"DAP {ctx.domains[t]}", leave=False,
-               disable=not acc.is_local_main_process)
+               disable=not accelerator.is_local_main_process)
     for step in bar:
         ctx.step = step
-        batch = shard(next(batches), acc.process_index, acc.num_processes)
-        # explicit autocast: methods call the encoder and head directly, not the wrapped forward
-        with acc.autocast():
-            outputs = method.forward(ctx, model, batch)
-            loss = method.loss(ctx, batch, outputs)
-        acc.backward(loss)
-        average_gradients(params, acc.num_processes)
-        method.after_backward(ctx)
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        method.after_step(ctx)
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if acc.trackers:  # live tracking (`run --report-to`): every step's loss
-            acc.log({f"dap_loss/{t}_{ctx.domains[t]}": float(loss.detach())}, step=step)
+        batch = shard(next(batches), accelerator.process_index, accelerator.num_processes)
+        loss = dap_step(
+            lambda b: method.loss(ctx, b, method.forward(ctx, model, b)), batch, params,
+            optimizer, schedule, cfg.max_grad_norm, accelerator,
+            after_backward=lambda: method.after_backward(ctx),
+            after_step=lambda: method.after_step(ctx))
+        if accelerator.trackers:  # live tracking (`run --report-to`): every step's loss
+            accelerator.log({f"dap_loss/{t}_{ctx.domains[t]}": float(loss.detach())},
+                            step=step)
         if step % LOSS_EVERY == 0 or step == plan.steps - 1:
             losses.append(round(float(loss.detach()), 5))
             bar.set_postfix(loss=losses[-1])
-    acc.free_memory()
-    check_in_sync(model, acc)
+    accelerator.free_memory()
+    check_in_sync(model, accelerator)
     return losses
+
+
+def dap_step(loss_of: Callable[[dict[str, Tensor]], Tensor], batch: dict[str, Tensor],
+             params: list[nn.Parameter], optimizer: torch.optim.Optimizer, schedule,
+             max_grad_norm: float | None, accelerator: Accelerator | None = None,
+             after_backward: Callable[[], None] | None = None,
+             after_step: Callable[[], None] | None = None) -> Tensor:
+    """One MLM training step: the loss of `batch` (`loss_of`: forward and the method's loss),
+    backward, the gradient hook, clipping to `max_grad_norm` (None or 0: none), the optimizer
+    step, the step hook, the schedule step (None: a constant learning rate); returns the loss.
+
+    With an `accelerator` (DAP-training): forward under its autocast, its backward, and the
+    gradients averaged over its processes before `after_backward`; without (θ0 pretraining, the
+    head warm-up, a plain model): torch's own backward and clipping."""
+    if accelerator is None:
+        loss = loss_of(batch)
+        loss.backward()
+    else:
+        # explicit autocast: methods call the encoder and head directly, not a wrapped forward
+        with accelerator.autocast():
+            loss = loss_of(batch)
+        accelerator.backward(loss)
+        average_gradients(params, accelerator.num_processes)
+    if after_backward is not None:
+        after_backward()
+    if max_grad_norm:
+        if accelerator is None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def shard(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
@@ -111,12 +133,12 @@ def average_gradients(params: list[nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def check_in_sync(model: nn.Module, acc: Accelerator) -> None:
+def check_in_sync(model: nn.Module, accelerator: Accelerator) -> None:
     """Raise if the processes' copies of the model differ (a gradient missed the average)."""
-    if acc.num_processes == 1:
+    if accelerator.num_processes == 1:
         return
     total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    sums = acc.gather(total.reshape(1).to(acc.device))
+    sums = accelerator.gather(total.reshape(1).to(accelerator.device))
     if not torch.equal(sums, sums[:1].expand_as(sums)):
         raise RuntimeError(f"the processes' models diverged (parameter sums {sums.tolist()})")
 
@@ -143,13 +165,9 @@ def train_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch_si
         batch = next(batches)
         if count is not None:
             count(batch["input_ids"].numel())
-        loss = mlm_forward(model, {k: v.to(device) for k, v in batch.items()}).loss
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = dap_step(lambda b: mlm_forward(model, b).loss,
+                        {k: v.to(device) for k, v in batch.items()}, params, optimizer,
+                        schedule, max_grad_norm)
         if step % LOSS_EVERY == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
     return losses
@@ -293,33 +311,33 @@ def finetune_and_test(ctx, encoder: nn.Module, train: Dataset, test: Dataset, nu
     optimizer = torch.optim.AdamW(groups, lr=cfg.ft_lr, eps=cfg.adam_eps)
     total = epochs * len(loader)
     schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.ft_warmup * total), total)
-    acc: Accelerator = ctx.accelerator
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    accelerator: Accelerator = ctx.accelerator
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
     count = getattr(ctx, "count", None)
     for _ in tqdm(range(epochs), desc=desc, leave=False,
-                  disable=not acc.is_local_main_process):
+                  disable=not accelerator.is_local_main_process):
         for batch in loader:
             if count is not None:  # the tokens of every process's share
-                count(batch["input_ids"].numel() * acc.num_processes)
+                count(batch["input_ids"].numel() * accelerator.num_processes)
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             loss = nn.functional.cross_entropy(logits, batch["labels"])
-            acc.backward(loss)
+            accelerator.backward(loss)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
     predictions, gold = [], []
-    test_loader = acc.prepare(DataLoader(test.with_format(None), batch_size=64,
-                                         collate_fn=collate))
+    test_loader = accelerator.prepare(DataLoader(test.with_format(None), batch_size=64,
+                                                 collate_fn=collate))
     with torch.no_grad(), uncounted(ctx):  # evaluation is not training compute
         for batch in test_loader:
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
-            pred, labels = acc.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            pred, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
             predictions += pred.tolist()
             gold += labels.tolist()
-    acc.free_memory()
+    accelerator.free_memory()
     return CellScore(macro_f1(gold, predictions), accuracy(gold, predictions),
                      time.perf_counter() - start, len(set(predictions)) == 1)

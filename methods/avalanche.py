@@ -313,11 +313,11 @@ class AvalancheMethod(Method):
     def experience_data(self, ctx, t: int):
         """At most `sequences` sequences of domain t, masked once, seeded by run seed and t."""
         data = ctx.corpus(t)
-        generator = torch.Generator().manual_seed(ctx.config.seed * 1009 + t)
+        generator = torch.Generator().manual_seed(ctx.seed_for("fisher", t))
         rows = torch.randperm(len(data), generator=generator)[:self.args.sequences].tolist()
         ids = [data[i]["input_ids"] for i in rows]
         x, y = masked_tensors(ids, ctx.tokenizer, ctx.config.mlm_probability,
-                              ctx.config.seed * 1009 + t)
+                              ctx.seed_for("fisher", t))
         return avalanche_dataset(x, y)
 
     def forward(self, ctx, model: nn.Module, batch: dict[str, Tensor]) -> MLMOutput:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark.protocol import stream_seed
 from methods import Method, knob, positive, register
 from methods.gates import (
     KINDS,
@@ -209,7 +210,7 @@ class DAS(Method):
 
     def _general_importance(self, ctx) -> Importance:
         kind = self.args.general_importance
-        seed = ctx.config.seed + 7
+        seed = ctx.seed_for("importance_general")
         if kind == "kl":
             return self._compute(ctx, ctx.corpus(0), "kl", seed)
         if kind == "mlm":
@@ -232,7 +233,8 @@ class DAS(Method):
         imp = self.importance
         transform = self.args.importance_transform
         if transform == "permute":
-            rng = torch.Generator().manual_seed(len(self._history) + 1)
+            rng = torch.Generator().manual_seed(
+                stream_seed("importance_permute", 0, len(self._history)))
             imp = {k: v.flatten()[torch.randperm(v.numel(), generator=rng)].view_as(v)
                    for k, v in imp.items()}
         elif transform == "binary":
@@ -304,7 +306,7 @@ class DAS(Method):
                                qkv=self.args.qkv_softmask)
 
     def after_domain(self, ctx, t: int) -> None:
-        domain = self._compute(ctx, ctx.corpus(t), "mlm", ctx.config.seed + 100 + t)
+        domain = self._compute(ctx, ctx.corpus(t), "mlm", ctx.seed_for("importance_domain", t))
         self._save(ctx, f"domain{t}_{ctx.domains[t]}", domain)
         self.importance = accumulate(self.importance, domain)
         self._save(ctx, f"accumulated{t}", self.importance)

@@ -41,7 +41,7 @@ def corpus_loss(ctx, model: nn.Module, t: int, batches: int) -> float:
     model.eval()
     data = ctx.corpus(t)
     n = min(batches, math.ceil(len(data) / ctx.config.dap_batch_size))
-    stream = ctx.mlm_batches(data, seed=0, shuffle=False)
+    stream = ctx.mlm_batches(data, seed=ctx.seed_for("expert_scoring"), shuffle=False)
     total, tokens = 0.0, 0
     for _ in range(n):
         batch = next(stream)

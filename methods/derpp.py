@@ -95,7 +95,7 @@ class DERpp(Method):
         self.corpus_sizes = [len(ctx.corpus(t)) for t in range(len(ctx.domains))]
         size = self.args.buffer_size or max(1, round(self.args.buffer_share
                                                      * sum(self.corpus_sizes)))
-        self.buffer = ReservoirBuffer(size, seed=ctx.config.seed)
+        self.buffer = ReservoirBuffer(size, seed=ctx.seed_for("buffer"))
         self.device = ctx.accelerator.device
         log.info("derpp: a buffer of %d sequences, %.3f %% of the run's %d corpus sequences",
                  size, 100 * size / sum(self.corpus_sizes), sum(self.corpus_sizes))
@@ -130,7 +130,7 @@ class DERpp(Method):
         data = ctx.corpus(t)
         offer = min(len(data), self.args.fill_sequences)
         batch_size = ctx.config.dap_batch_size
-        batches = ctx.mlm_batches(data, seed=ctx.config.seed * 7919 + t, batch_size=batch_size)
+        batches = ctx.mlm_batches(data, seed=ctx.seed_for("derpp_replay", t), batch_size=batch_size)
         for _ in range(math.ceil(offer / batch_size)):
             batch = next(batches)
             take = min(batch["input_ids"].shape[0], offer)

@@ -50,7 +50,7 @@ class DGAOne(DGA):
     def _general_importance_of(self, ctx, t: int):
         if self.args.general_importance != "kl":
             return self._general_importance(ctx)
-        return self._compute(ctx, ctx.corpus(t), "kl", ctx.config.seed + 7 + t)
+        return self._compute(ctx, ctx.corpus(t), "kl", ctx.seed_for("importance_dga", t))
 
     def _has_importance(self) -> bool:
         return self.args.general_importance != "none"  # no domain importance is ever added

@@ -88,7 +88,7 @@ class EWC(Method):
     def after_domain(self, ctx, t: int) -> None:
         companion = self.args.fisher_form == "companion"
         fresh = diagonal_fisher(
-            ctx, ctx.corpus(t), self.args.fisher_sequences, seed=ctx.config.seed * 1009 + t,
+            ctx, ctx.corpus(t), self.args.fisher_sequences, seed=ctx.seed_for("fisher", t),
             batch_size=self.args.fisher_batch_size or ctx.config.dap_batch_size,
             per_batch=companion, penalty=self.penalty if companion and self.fisher else None)
         if not self.fisher:

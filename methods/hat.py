@@ -95,7 +95,7 @@ class HAT(Method):
     # -- training ----------------------------------------------------------------------
     def before_domain(self, ctx, t: int) -> None:
         if t not in self.embeddings:
-            generator = torch.Generator().manual_seed(ctx.config.seed * 1009 + t)
+            generator = torch.Generator().manual_seed(ctx.seed_for("fisher", t))
             self.embeddings[t] = {
                 kind: nn.Parameter(torch.randn(shape, generator=generator).to(self.device))
                 for kind, shape in self.gates.shapes.items()}

@@ -85,9 +85,9 @@ def source_rows(source: str, n: int, t: int) -> tuple[int, int]:
 class ReplaySampler:
     """Seeded draws of replayed sequences and their masks; the state resumes the stream."""
 
-    def __init__(self, tokenizer, mlm_probability: float, seed: int) -> None:
+    def __init__(self, tokenizer, mlm_probability: float, seed: int, mask_seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
-        self.collator = MLMCollator(tokenizer, mlm_probability, seed + 1)
+        self.collator = MLMCollator(tokenizer, mlm_probability, mask_seed)
 
     def draw(self, general, past: list, n_general: int, n_past: int) -> tuple[list, list[int]]:
         """(rows {"input_ids"}, source of each: -1 general, d past domain d) drawn: general
@@ -146,7 +146,7 @@ class Replay(Method):
     def setup(self, ctx) -> None:
         cfg = ctx.config
         self.sampler = ReplaySampler(ctx.tokenizer, cfg.mlm_probability,
-                                     ctx.seed_for("replay", 0))
+                                     ctx.seed_for("replay"), ctx.seed_for("replay_masks"))
         if self.args.source != "past":
             self.general = ctx.replay_corpus()
             if self.general is None:
