@@ -38,12 +38,14 @@ from torch.utils.data import Dataset as TorchDataset
 from benchmark.basemodel import fingerprint, load_base_model
 from benchmark.config import RunConfig, build_config
 from benchmark.context import Context
+from benchmark.dap import LOSS_EVERY
 from benchmark.data import MLMCollator, tokenize_task
+from benchmark.finetune import finetune_and_test
 from benchmark.loop import RESULT, new_record, run_dir_for
+from benchmark.mlm_eval import mlm_eval_loss
 from benchmark.probe import probe_and_test
 from benchmark.protocol import stream_seed
 from benchmark.record import save
-from benchmark.training import LOSS_EVERY, finetune_and_test, mlm_eval_loss
 from methods import MethodError
 from methods.avalanche import INSTALL, MaskedLogits, avalanche_dataset_of, masked_cross_entropy
 from methods.modeling import encoder_of

@@ -307,7 +307,7 @@ def load_base_model(suite, override: str = "", cache: str | None = None,
 
 
 def pretrain_syn_base(suite, spec: dict[str, Any]):
-    from benchmark.training import pretrain_mlm
+    from benchmark.mlm import pretrain_mlm
 
     tokenizer = word_tokenizer(suite.vocabulary)
     torch.manual_seed(0)

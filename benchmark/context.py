@@ -166,7 +166,7 @@ class Context:
     def mlm_eval_loss(self, model: nn.Module, data: Dataset, seed: int | None = None) -> float:
         """Mean MLM loss of `model` over `data` with fixed masks (no gradient); the masks'
         seed: the `eval_masks` stream unless given."""
-        from benchmark.training import mlm_eval_loss
+        from benchmark.mlm_eval import mlm_eval_loss
 
         return mlm_eval_loss(self, model, data,
                              self.seed_for("eval_masks") if seed is None else seed)

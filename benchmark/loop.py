@@ -44,12 +44,14 @@ from benchmark.checkpoint import (
 from benchmark.compute import Compute, counted
 from benchmark.config import ConfigError, RunConfig, recorded_config
 from benchmark.context import Context
+from benchmark.dap import dap_train
 from benchmark.data import tokenize_task
+from benchmark.finetune import finetune_and_test
 from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
+from benchmark.mlm import warm_up_mlm_head
 from benchmark.probe import probe_and_test
 from benchmark.record import NotFinite, RunRecord, load, save
-from benchmark.training import dap_train, finetune_and_test, warm_up_mlm_head
 from methods import Method, build_method
 
 log = logging.getLogger(__name__)

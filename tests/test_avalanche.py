@@ -17,7 +17,7 @@ import benchmark.compat as compat
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
-from benchmark.training import dap_step
+from benchmark.dap import dap_step
 from methods import MethodError, build_method
 from methods.ewc import diagonal_fisher
 

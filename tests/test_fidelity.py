@@ -22,7 +22,8 @@ from transformers import (
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
-from benchmark.training import dap_step, task_model
+from benchmark.dap import dap_step
+from benchmark.finetune import task_model
 from methods import build_method
 from methods.modeling import encoder_of, mlm_forward
 

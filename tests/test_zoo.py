@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
-from benchmark.training import dap_step
+from benchmark.dap import dap_step
 from methods import build_method
 from methods.buffer import ReservoirBuffer
 from methods.ewc import diagonal_fisher
