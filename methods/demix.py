@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from transformers.modeling_outputs import BaseModelOutput
 from methods import register
 from methods.isolation import AdapterArgs, IsolationMethod
 from methods.modeling import encoder_of, mlm_forward, mlm_head_of
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class DemixArgs(AdapterArgs):
 
 
 @torch.no_grad()
-def corpus_loss(ctx, model: nn.Module, t: int, batches: int) -> float:
+def corpus_loss(ctx: Context, model: nn.Module, t: int, batches: int) -> float:
     """Mean masked-LM loss of `model` on domain t's corpus, with fixed masks."""
     was_training = model.training
     model.eval()
@@ -130,7 +134,7 @@ class Demix(IsolationMethod):
         self.needs_domain_id = not self.args.mixture
         self.past_tasks_unchanged = not self.args.mixture
 
-    def pick_expert(self, ctx, t: int) -> tuple[int, list[float]]:
+    def pick_expert(self, ctx: Context, t: int) -> tuple[int, list[float]]:
         """(index of the existing expert with the lowest perplexity on C_t, the perplexities)."""
         perplexities = []
         for j in range(t):
@@ -139,7 +143,7 @@ class Demix(IsolationMethod):
             perplexities.append(math.exp(min(loss, 50.0)))
         return min(range(t), key=perplexities.__getitem__), perplexities
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         if t > 0:
             best, perplexities = self.pick_expert(ctx, t)
             self.modules.copy(self.names[best], self.names[t])
@@ -152,7 +156,7 @@ class Demix(IsolationMethod):
             ctx.save_artifact("demix.json", record)
         super().before_domain(ctx, t)
 
-    def model_for_task(self, ctx, i: int) -> nn.Module:
+    def model_for_task(self, ctx: Context, i: int) -> nn.Module:
         if not self.args.mixture:
             return super().model_for_task(ctx, i)
         experts = self.names[: ctx.t + 1]
