@@ -51,6 +51,7 @@ from benchmark.config import (
 )
 from benchmark.lock import RunLocked, is_locked, run_lock
 from benchmark.loop import PROGRESS, RESULT, run_dir_for
+from benchmark.protocol import Protocol
 
 log = logging.getLogger(__name__)
 GRID_DIR = Path(__file__).parent / "grids"
@@ -396,14 +397,10 @@ def estimate_seconds(cfg: RunConfig, suite, method, rates: dict[str, float] | No
     figure, factor = DAP_COST.get(cfg.method, ("ncl", 1.0))
     dap = 0.0 if cfg.method == "base" else n * cfg.dap_steps * rate[figure] * factor
     ft_steps = 0
-    for t in range(n):
-        for i in range(t + 1):
-            if i < t and (method.past_tasks_unchanged
-                          or (cfg.eval_matrix == "diagonal" and t < n - 1)):
-                continue
-            task = suite.domains[names[i]].task
-            epochs = task.epochs or cfg.ft_epochs
-            ft_steps += epochs * math.ceil(len(task.train) / cfg.ft_batch_size)
+    for _, i in Protocol(n, cfg.eval_matrix).evaluated(method.past_tasks_unchanged):
+        task = suite.domains[names[i]].task
+        epochs = task.epochs or cfg.ft_epochs
+        ft_steps += epochs * math.ceil(len(task.train) / cfg.ft_batch_size)
     return dap + ft_steps * rate["ft"] + rate.get("overhead", 0.0)
 
 
