@@ -51,6 +51,7 @@ from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.mlm import warm_up_mlm_head
 from benchmark.probe import probe_and_test
+from benchmark.protocol import stream_seed
 from benchmark.record import NotFinite, RunRecord, load, save
 from methods import Method, build_method
 
@@ -242,7 +243,8 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
             record.head_warmup_loss = warm_up_mlm_head(
                 model, tokenizer, suite.domains[names[0]].corpus, cfg.head_warmup_steps,
                 cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length, cfg.mlm_probability,
-                group_texts=cfg.group_texts, count=compute.count)
+                seed=stream_seed("head_warmup", cfg.seed), group_texts=cfg.group_texts,
+                count=compute.count)
     ctx = context_for(cfg, suite, names, model, tokenizer, accelerator, run_dir, compute)
     method.setup(ctx)
     tasks = [suite.domains[n].task for n in names]

@@ -24,6 +24,7 @@ replay_masks          seed_for("replay", 0) + 1                    replay's MLM 
 eval_masks            0                                            fixed masks of MLM losses
 expert_scoring        0                                            DEMix expert likelihoods
 theta0                0                                            θ0 init and pretraining
+head_warmup           0                                            the LM head's warm-up
 other names           domain_seed(s, 16 + crc32(name) % 10^6, t)   a method's own stream
 ====================  ===========================================  ==========================
 
@@ -73,6 +74,7 @@ SEED_STREAMS: dict[str, Callable[[int, int, int | None], int]] = {
     "eval_masks": lambda s, t, i: 0,
     "expert_scoring": lambda s, t, i: 0,
     "theta0": lambda s, t, i: 0,
+    "head_warmup": lambda s, t, i: 0,
 }
 
 

@@ -36,6 +36,7 @@ REFERENCE = {
     "eval_masks": lambda s, t: 0,
     "expert_scoring": lambda s, t: 0,
     "theta0": lambda s, t: 0,
+    "head_warmup": lambda s, t: 0,
 }
 
 
