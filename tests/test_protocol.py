@@ -99,3 +99,25 @@ def test_record_updates_append_rounded_cells_and_open_a_row():
     assert record.collapsed == [[False, None]]
     assert record.timings["finetune_s"] == [[0.988, 0.0]]
     assert record.mlm_loss == [[3.12346]] and record.timings["mlm_loss_s"] == [0.5]
+
+
+def test_a_resumed_run_does_not_evaluate_theta0_again(tmp_path, killed_at, monkeypatch):
+    import json
+
+    from conftest import FAST
+
+    from benchmark import loop
+    from benchmark.__main__ import main
+
+    args = ["run", "--method", "ncl", "--profile", "tiny", "--order", "1", "--no-table", *FAST,
+            "--out", str(tmp_path)]
+    killed_at(args, "checkpoint:0")
+    rows: list[int] = []
+    real = loop.record_mlm_losses
+    monkeypatch.setattr(loop, "record_mlm_losses",
+                        lambda ctx, record, row: rows.append(row) or real(ctx, record, row))
+    assert main([*args, "--resume"]) == 0
+    # the wrong variant, θ0's row evaluated again before the stored record replaces it: [0, 2, 3]
+    assert rows == [2, 3]
+    record = json.loads(next(tmp_path.rglob("result.json")).read_text())
+    assert len(record["mlm_loss"]) == 4 and len(record["general_mlm_loss"]) == 4
