@@ -38,11 +38,14 @@ from torch.utils.data import Dataset as TorchDataset
 from benchmark.basemodel import fingerprint, load_base_model
 from benchmark.config import RunConfig, build_config
 from benchmark.context import Context
+from benchmark.dap import LOSS_EVERY
 from benchmark.data import MLMCollator, tokenize_task
+from benchmark.finetune import finetune_and_test
 from benchmark.loop import RESULT, new_record, run_dir_for
+from benchmark.mlm_eval import mlm_eval_loss
 from benchmark.probe import probe_and_test
+from benchmark.protocol import stream_seed
 from benchmark.record import save
-from benchmark.training import LOSS_EVERY, domain_seed, finetune_and_test, mlm_eval_loss
 from methods import MethodError
 from methods.avalanche import INSTALL, MaskedLogits, avalanche_dataset_of, masked_cross_entropy
 from methods.modeling import encoder_of
@@ -99,7 +102,7 @@ def as_benchmark(suite: str, profile: str = "default", order: int = 0,
         data = dap_sequences(loaded.domains[name].corpus, tokenizer, config.max_length,
                              config.group_texts)
         corpus = MaskedCorpus(list(data["input_ids"]), tokenizer, config.mlm_probability,
-                              config.max_length, domain_seed(config.for_dap().seed, 1, t))
+                              config.max_length, stream_seed("dap", config.for_dap().seed, t))
         experiences.append(avalanche_dataset_of(corpus))
     bench = benchmark_from_datasets(train=experiences)
     bench.suite, bench.domains, bench.tokenizer, bench.config = loaded, names, tokenizer, config
@@ -166,34 +169,27 @@ class CdapEvaluator(SupervisedPlugin):
         t = strategy.experience.current_experience
         names, cfg, progress = self.bench.domains, self.config, self.progress
         ctx = self._context(strategy)
-        progress.dap_loss.append(self.losses)
-        progress.dap_steps.append(self.steps)
         general = ctx.general_corpus()
-        if general is not None:
-            progress.general_mlm_loss.append(mlm_eval_loss(ctx, ctx.model, general))
-        progress.timings["dap_s"].append(round(time.perf_counter() - self.dap_started, 3))
+        protocol = ctx.protocol
+        protocol.record_domain(
+            progress, self.losses, self.steps,
+            None if general is None else mlm_eval_loss(ctx, ctx.model, general),
+            time.perf_counter() - self.dap_started)
         last = t == len(names) - 1
-        mf1s, accs, seconds, collapsed = [], [], [], []
         for i in range(t + 1):
-            if i < t and not last and cfg.eval_matrix == "diagonal":
-                mf1s.append(None), accs.append(None), seconds.append(0.0), collapsed.append(None)
+            if protocol.cell(t, i) == "skip":
+                protocol.record_cell(progress, t, None, None, None, 0.0)
                 continue
             train, test = self.splits[i]
-            seed, desc = domain_seed(cfg.seed, 2, t, i), f"end task {names[i]} @ {names[t]}"
+            seed, desc = ctx.seed_for("finetune", t, i), f"end task {names[i]} @ {names[t]}"
             if cfg.eval == "probe":
                 score = probe_and_test(ctx, encoder_of(ctx.model), train, test, seed, desc)
             else:
                 score = finetune_and_test(ctx, encoder_of(ctx.model), train, test,
                                           self.tasks[i].num_labels, seed=seed, desc=desc,
                                           epochs=self.tasks[i].epochs)
-            mf1, acc, s, one_class = score
-            mf1s.append(round(mf1, 4)), accs.append(round(acc, 4)), seconds.append(round(s, 3))
-            collapsed.append(one_class)
-        progress.mf1.append(mf1s)
-        progress.acc.append(accs)
-        progress.collapsed.append(collapsed)
-        progress.timings["finetune_s"].append(seconds)
-        log.info("after %s: MF1 %s", names[t], mf1s)
+            protocol.record_cell(progress, t, score.mf1, score.acc, score.collapsed, score.seconds)
+        log.info("after %s: MF1 %s", names[t], progress.mf1[t])
         strategy.model.train()
         if last:
             progress.timings["total_s"] = round(time.perf_counter() - self.started, 3)

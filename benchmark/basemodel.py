@@ -55,6 +55,7 @@ from transformers import (
 from benchmark.atomic import atomic_path, read_json, write_json_atomic
 from benchmark.config import ConfigError, cache_root
 from benchmark.kernels import kernel_setting
+from benchmark.protocol import stream_seed
 from tasks.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def load_base_model(suite, override: str = "", cache: str | None = None,
             # at random: fix them, so θ0 is the same in every run and process, and leave the
             # run's RNG
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+                torch.manual_seed(stream_seed("theta0", 0))
                 model = AutoModelForMaskedLM.from_pretrained(source)
         except OSError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -307,12 +308,13 @@ def load_base_model(suite, override: str = "", cache: str | None = None,
 
 
 def pretrain_syn_base(suite, spec: dict[str, Any]):
-    from benchmark.training import pretrain_mlm
+    from benchmark.mlm import pretrain_mlm
 
     tokenizer = word_tokenizer(suite.vocabulary)
-    torch.manual_seed(0)
+    seed = stream_seed("theta0", 0)
+    torch.manual_seed(seed)
     model = BertForMaskedLM(syn_base_config(spec, len(tokenizer)))
     pretrain_mlm(model, tokenizer, suite.pretrain_corpus, steps=spec["pretrain_steps"],
                  batch_size=spec["pretrain_batch_size"], lr=spec["pretrain_lr"],
-                 max_length=spec["max_length"], seed=0)
+                 max_length=spec["max_length"], seed=seed)
     return model, tokenizer

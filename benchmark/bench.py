@@ -59,8 +59,8 @@ from benchmark.atomic import write_text_atomic
 from benchmark.compute import FlopCounter
 from benchmark.config import CHOICES, ConfigError, RunConfig, build_config
 from benchmark.context import Context
+from benchmark.dap import dap_train
 from benchmark.record import package_versions
-from benchmark.training import dap_train
 from methods import DapPlan, MethodError, available_methods, build_method
 from methods.modeling import mlm_forward
 

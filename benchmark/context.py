@@ -9,7 +9,6 @@ end-task fine-tuning draws from `run_seed`, the run's own seed.
 from __future__ import annotations
 
 import copy
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,8 @@ from torch import Tensor, nn
 from benchmark.atomic import atomic_path, write_json_atomic
 from benchmark.config import RunConfig
 from benchmark.data import dap_sequences, endless, mlm_loader, skip_start
+from benchmark.protocol import Protocol, stream_seed
 
-# the loop's phases and their seed streams (the numbers every committed result was made with)
-PHASES = {"before_domain": 0, "dap": 1, "finetune": 2, "after_domain": 3}
 # held-out tokens per domain for the MLM-loss matrix L[t][i] (`Context.heldout_corpus`): about
 # 4,900 masked at 15 %; the loss's sampling std falls as one over the root of that count
 HELDOUT_TOKENS = 32_768
@@ -55,6 +53,7 @@ class Context:
     run_seed: int | None = None  # the run's seed where `config` is `for_dap()` (fine-tuning)
     compute: Any = None  # benchmark.compute.Compute of the run (None: nothing counted)
     _corpora: dict[Any, Dataset] = field(default_factory=dict)
+    _trained: set[tuple[int, ...]] | None = None  # every DAP sequence of the run (held-out filter)
 
     @property
     def is_main_process(self) -> bool:
@@ -121,8 +120,10 @@ class Context:
                 raw = Dataset.from_dict({"text": domain_texts(domain.task.test)})
             data = dap_sequences(raw, self.tokenizer, self.config.max_length,
                                  self.config.group_texts)
-            trained = {tuple(ids) for t in range(len(self.domains))
-                       for ids in self.corpus(t)["input_ids"]}
+            if self._trained is None:
+                self._trained = {tuple(ids) for t in range(len(self.domains))
+                                 for ids in self.corpus(t)["input_ids"]}
+            trained = self._trained
             keep, tokens = [], 0
             for k, ids in enumerate(data["input_ids"]):
                 if tokens >= HELDOUT_TOKENS:
@@ -171,20 +172,26 @@ class Context:
         if self.compute is not None:
             self.compute.count(tokens, passes, width)
 
-    def mlm_eval_loss(self, model: nn.Module, data: Dataset, seed: int = 0) -> float:
-        """Mean MLM loss of `model` over `data` with fixed masks (no gradient)."""
-        from benchmark.training import mlm_eval_loss
+    def mlm_eval_loss(self, model: nn.Module, data: Dataset, seed: int | None = None) -> float:
+        """Mean MLM loss of `model` over `data` with fixed masks (no gradient); the masks'
+        seed: the `eval_masks` stream unless given."""
+        from benchmark.mlm_eval import mlm_eval_loss
 
-        return mlm_eval_loss(self, model, data, seed)
+        return mlm_eval_loss(self, model, data,
+                             self.seed_for("eval_masks") if seed is None else seed)
 
-    def seed_for(self, phase: str, t: int, i: int | None = None) -> int:
-        """A seed for `phase` of domain t (task i), independent of everything run before it, so
-        a resumed run draws the same numbers. The loop's phases keep their historic streams; any
-        other name gets its own stream from its CRC32."""
-        from benchmark.training import domain_seed
+    @property
+    def protocol(self) -> Protocol:
+        """What the run measures: its cells and record updates (`benchmark.protocol`)."""
+        return Protocol(len(self.domains), self.config.eval_matrix)
 
-        stream = PHASES.get(phase, 16 + zlib.crc32(phase.encode()) % 1_000_000)
+    def seed_for(self, stream: str, t: int = 0, i: int | None = None) -> int:
+        """The seed of random stream `stream` for domain t (task i): see
+        `benchmark.protocol.SEED_STREAMS`. Each is independent of everything run before it, so
+        a resumed run draws the same numbers; `finetune` draws from the run's own seed,
+        everything else from the DAP-time seed; a name not in the table gets a stream of its
+        own."""
         seed = self.config.seed
-        if phase == "finetune" and self.run_seed is not None:
+        if stream == "finetune" and self.run_seed is not None:
             seed = self.run_seed
-        return domain_seed(seed, stream, t, *(() if i is None else (i,)))
+        return stream_seed(stream, seed, t, i)

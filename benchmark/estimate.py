@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmark.config import RunConfig, read_yaml
 from benchmark.loop import RESULT
+from benchmark.protocol import Protocol
 
 if TYPE_CHECKING:
     from benchmark.cells import Cell
@@ -45,14 +46,10 @@ def estimate_seconds(cfg: RunConfig, suite, method, rates: dict[str, float] | No
         figure, factor = method.dap_cost
         dap = n * cfg.dap_steps * rate[figure] * factor
     ft_steps = 0
-    for t in range(n):
-        for i in range(t + 1):
-            if i < t and (method.past_tasks_unchanged
-                          or (cfg.eval_matrix == "diagonal" and t < n - 1)):
-                continue
-            task = suite.domains[names[i]].task
-            epochs = task.epochs or cfg.ft_epochs
-            ft_steps += epochs * math.ceil(len(task.train) / cfg.ft_batch_size)
+    for _, i in Protocol(n, cfg.eval_matrix).evaluated(method.past_tasks_unchanged):
+        task = suite.domains[names[i]].task
+        epochs = task.epochs or cfg.ft_epochs
+        ft_steps += epochs * math.ceil(len(task.train) / cfg.ft_batch_size)
     return dap + ft_steps * rate["ft"] + rate.get("overhead", 0.0)
 
 

@@ -27,7 +27,8 @@ from torch import nn
 from benchmark.atomic import atomic_path
 from benchmark.config import RunConfig, cache_root
 from benchmark.kernels import kernel_setting
-from benchmark.training import warm_up_mlm_head
+from benchmark.mlm import warm_up_mlm_head
+from benchmark.protocol import stream_seed
 from methods.modeling import encoder_of, mlm_head_of
 from tasks.registry import dataset_sha256
 
@@ -69,8 +70,8 @@ def warm_up(model: nn.Module, tokenizer, text, cfg: RunConfig, base_fingerprint:
     with compute.phase("head_warmup"):
         losses = warm_up_mlm_head(model, tokenizer, text, cfg.head_warmup_steps,
                                   cfg.dap_batch_size, cfg.head_warmup_lr, cfg.max_length,
-                                  cfg.mlm_probability, group_texts=cfg.group_texts,
-                                  count=compute.count)
+                                  cfg.mlm_probability, seed=stream_seed("head_warmup", cfg.seed),
+                                  group_texts=cfg.group_texts, count=compute.count)
     if path is not None:
         meta = {"losses": json.dumps(losses),
                 "compute": json.dumps(compute.totals.get("head_warmup", {}))}

@@ -43,13 +43,14 @@ from benchmark.checkpoint import (
 from benchmark.compute import Compute, counted
 from benchmark.config import ConfigError, RunConfig, recorded_config
 from benchmark.context import Context
+from benchmark.dap import dap_train
 from benchmark.data import tokenize_task
+from benchmark.finetune import finetune_and_test
 from benchmark.headwarmup import warm_up as warm_up_head
 from benchmark.kernels import kernel_setting
 from benchmark.lock import LOCK_NAME, run_lock
 from benchmark.probe import probe_and_test
 from benchmark.record import NotFinite, RunRecord, load, package_versions, save
-from benchmark.training import dap_train, finetune_and_test
 from methods import Method, build_method, get_method_class
 
 log = logging.getLogger(__name__)
@@ -263,10 +264,11 @@ def run_sequence(cfg: RunConfig, suite, run_dir: Path, accelerator: Accelerator,
                tokenize_task(task.test, tokenizer, cfg.max_length, cfg.pair_input))
               for task in tasks]
     general = ctx.general_corpus()
-    if general is not None:
-        record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
-    record_mlm_losses(ctx, record, 0)
-    if stored is not None:
+    if stored is None:  # θ0's losses; a resumed record holds them already
+        if general is not None:
+            record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
+        record_mlm_losses(ctx, record, 0)
+    else:
         record = resume_from(stored, ctx, method, record)
         compute.totals = record.compute  # counted until the checkpoint; counting goes on
 
@@ -334,18 +336,14 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     set_seed(ctx.seed_for("after_domain", t))
     with counted(ctx, "method"):
         method.after_domain(ctx, t)
-    check_finite(ctx, losses, t)
-    record.dap_loss.append(losses)
-    record.dap_steps.append(plan.steps if plan is not None else 0)
+    check_finite(ctx, losses, t, weights=True)
+    general_loss = None
     if general is not None:
-        record.general_mlm_loss.append(ctx.mlm_eval_loss(ctx.model, general))
-        check_finite(ctx, record.general_mlm_loss[-1:], t, "general MLM loss")
+        general_loss = ctx.mlm_eval_loss(ctx.model, general)
+        check_finite(ctx, [general_loss], t, "general MLM loss")
     record_mlm_losses(ctx, record, t + 1)
-    record.timings["dap_s"].append(round(time.perf_counter() - start, 3))
-    record.mf1.append([])
-    record.acc.append([])
-    record.collapsed.append([])
-    record.timings["finetune_s"].append([])
+    ctx.protocol.record_domain(record, losses, plan.steps if plan is not None else 0,
+                               general_loss, time.perf_counter() - start)
 
 
 def record_mlm_losses(ctx: Context, record: RunRecord, row: int) -> None:
@@ -359,18 +357,21 @@ def record_mlm_losses(ctx: Context, record: RunRecord, row: int) -> None:
               for i in range(len(ctx.domains))]
     if row:
         check_finite(ctx, losses, row - 1, "held-out MLM loss")
-    record.mlm_loss.append([round(v, 5) for v in losses])
-    record.timings.setdefault("mlm_loss_s", []).append(round(time.perf_counter() - start, 3))
+    ctx.protocol.record_mlm_row(record, losses, time.perf_counter() - start)
 
 
-def check_finite(ctx: Context, losses: list[float], t: int, what: str = "DAP loss") -> None:
-    """`NotFinite` if a loss of domain t or a weight of the model is NaN or infinite: the run
-    has diverged (or started from damaged weights), and nothing of the domain is kept."""
+def check_finite(ctx: Context, losses: list[float], t: int, what: str = "DAP loss",
+                 weights: bool = False) -> None:
+    """`NotFinite` if a loss of domain t (or, with `weights`, a weight of the model) is NaN or
+    infinite: the run has diverged (or started from damaged weights), and nothing of the
+    domain is kept. The weights are scanned once per domain, after DAP-training."""
     where = f"{ctx.run_dir}: domain {t} ({ctx.domains[t]})"
     bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
         raise NotFinite(f"{where}: the {what} is not finite ({losses[bad[0]]} at record "
                         f"{bad[0]}); the run has diverged and is stopped before its checkpoint")
+    if not weights:
+        return
     weight = next((n for n, p in ctx.model.named_parameters() if not torch.isfinite(p).all()),
                   None)
     if weight is not None:
@@ -384,9 +385,10 @@ def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, task
     skip / copy it."""
     mf1 = acc = collapsed = None
     seconds = 0.0
-    if i < t and t < len(tasks) - 1 and ctx.config.eval_matrix == "diagonal":
+    cell = ctx.protocol.cell(t, i, method.past_tasks_unchanged)
+    if cell == "skip":
         pass
-    elif method.past_tasks_unchanged and i < t:
+    elif cell == "copy":
         mf1, acc, collapsed = record.mf1[i][i], record.acc[i][i], record.collapsed[i][i]
     else:
         train, test = splits[i]
@@ -407,10 +409,7 @@ def fine_tune_cell(ctx: Context, method: Method, record: RunRecord, splits, task
     if mf1 is not None and ctx.accelerator.trackers:  # live tracking: A[t][i] as it comes
         ctx.accelerator.log({f"mf1/{i}_{ctx.domains[i]}": mf1,
                              f"acc/{i}_{ctx.domains[i]}": acc}, step=t)
-    record.mf1[t].append(None if mf1 is None else round(mf1, 4))
-    record.acc[t].append(None if acc is None else round(acc, 4))
-    record.collapsed[t].append(collapsed)
-    record.timings["finetune_s"][t].append(round(seconds, 3))
+    ctx.protocol.record_cell(record, t, mf1, acc, collapsed, seconds)
 
 
 # -- live tracking (`run --report-to`): Accelerate's trackers, written by the main process ----

@@ -194,7 +194,7 @@ def summary_bars(by_row: dict[str, list[dict]], wanted: list[str],
 
 def loss_curves(by_row: dict[str, list[dict]], wanted: list[str], domains: list[str],
                 styles: dict, folder: Path, fmt: str, written: list[Path]) -> None:
-    from benchmark.training import LOSS_EVERY, logged_steps
+    from benchmark.dap import LOSS_EVERY, logged_steps
 
     plt = _pyplot()
     size = len(domains)

@@ -11,7 +11,7 @@ cost. It is not the paper's protocol: the paper's numbers
 
 Readout (`probe_pooling`): `mean` (default) is the attention-masked mean of the last hidden
 states; `first` is the first token's state ([CLS] / `<s>`), the one the stock heads of
-`AutoModelForSequenceClassification` read (training.py `task_model`). The default is `mean`
+`AutoModelForSequenceClassification` read (finetune.py `task_model`). The default is `mean`
 because a frozen masked LM's first-token state is not trained to summarise the input: MLM never
 masks it, RoBERTa has no next-sentence task, and BERT's pooler is missing from MLM
 checkpoints, so the stock head relies on fine-tuning to make [CLS] useful. The token states that
@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from benchmark.compute import uncounted
 from benchmark.data import task_collate
+from benchmark.finetune import CellScore
 from benchmark.metrics import accuracy, macro_f1
-from benchmark.training import CellScore
 
 log = logging.getLogger(__name__)
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]

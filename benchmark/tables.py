@@ -315,7 +315,7 @@ def build_compute_tables(
 def final_dap_loss(losses: list[float], steps: int, share: float = 0.2) -> float | None:
     """Mean of a domain's DAP losses recorded in its last `share` of steps (None: no DAP); a
     list too sparse to have one there gives the last `share` of its entries."""
-    from benchmark.training import logged_steps
+    from benchmark.dap import logged_steps
 
     if not losses:
         return None

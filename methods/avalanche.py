@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,9 @@ from torch import Tensor, nn
 from benchmark.config import knob
 from methods import Method, MethodError, register
 from methods.modeling import MLMOutput, encoder_of, mlm_head_of
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install -e '.[avalanche]'"
@@ -292,7 +295,7 @@ class AvalancheMethod(Method):
                 getattr(self.plugin, event)(self.strategy)
 
     # -- the loop's moments ----------------------------------------------------------------
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         if self.own_backward and ctx.accelerator.num_processes > 1:
             raise MethodError(
                 f"{self.name}: Avalanche's {self.plugin_class} runs backward passes of its own, "
@@ -300,7 +303,7 @@ class AvalancheMethod(Method):
         self.strategy = StrategyStandIn(ctx.model, ctx.tokenizer.pad_token_id,
                                         ctx.accelerator.device, ctx.config.dap_batch_size)
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         s = self.strategy
         # only plugins with passes of their own over the domain's data have `sequences`
         data = self.experience_data(ctx, t) if hasattr(self.args, "sequences") else None
@@ -311,17 +314,17 @@ class AvalancheMethod(Method):
         s.clock.train_exp_epochs = 0
         self.call("before_training", "before_training_exp", "before_training_epoch")
 
-    def experience_data(self, ctx, t: int):
+    def experience_data(self, ctx: Context, t: int):
         """At most `sequences` sequences of domain t, masked once, seeded by run seed and t."""
         data = ctx.corpus(t)
-        generator = torch.Generator().manual_seed(ctx.config.seed * 1009 + t)
+        generator = torch.Generator().manual_seed(ctx.seed_for("fisher", t))
         rows = torch.randperm(len(data), generator=generator)[:self.args.sequences].tolist()
         ids = [data[i]["input_ids"] for i in rows]
         x, y = masked_tensors(ids, ctx.tokenizer, ctx.config.mlm_probability,
-                              ctx.config.seed * 1009 + t)
+                              ctx.seed_for("fisher", t))
         return avalanche_dataset(x, y)
 
-    def forward(self, ctx, model: nn.Module, batch: dict[str, Tensor]) -> MLMOutput:
+    def forward(self, ctx: Context, model: nn.Module, batch: dict[str, Tensor]) -> MLMOutput:
         s = self.strategy
         s.mbatch = to_avalanche(batch)
         self.call("before_training_iteration")
@@ -335,22 +338,22 @@ class AvalancheMethod(Method):
         return MLMOutput(loss=F.cross_entropy(s.mb_output.float(), batch["labels"][picked]),
                          hidden=hidden)
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
         self.strategy.loss = outputs.loss.clone()  # plugins add in place (`loss += penalty`)
         self.call("before_backward")
         return self.strategy.loss
 
-    def after_backward(self, ctx) -> None:
+    def after_backward(self, ctx: Context) -> None:
         self.call("after_backward", "before_update")
 
-    def after_step(self, ctx) -> None:
+    def after_step(self, ctx: Context) -> None:
         self.call("after_update", "after_training_iteration")
         clock = self.strategy.clock
         clock.train_iterations += 1
         clock.train_exp_iterations += 1
         clock.train_epoch_iterations += 1
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         self.call("after_training_epoch", "after_training_exp", "after_training")
         self.strategy.model.zero_grad(set_to_none=True)
         self.strategy.clock.train_exp_counter = t + 1

@@ -52,12 +52,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import islice
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark.protocol import stream_seed
 from methods import Method, knob, positive, register
 from methods.gates import (
     KINDS,
@@ -73,6 +74,9 @@ from methods.gates import (
     softmask_gradients,
 )
 from methods.modeling import MLMOutput, encoder_of, masked_lm_loss, mean_pool, mlm_forward
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +159,14 @@ class DAS(Method):
 
     Args = Args
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         self.gates = UnitGates(ctx.model, intermediate=self.args.intermediate_gate)
         self.general: Importance | None = None
         self.importance: Importance | None = None  # I_≤t, accumulated
         self._history: list[int] = []  # domains whose importance is accumulated
 
     # -- importance ----------------------------------------------------------------------
-    def _compute(self, ctx, data, loss_kind: str, seed: int) -> Importance:
+    def _compute(self, ctx: Context, data, loss_kind: str, seed: int) -> Importance:
         model = ctx.model
         was_training = model.training
         companion_kl = loss_kind == "kl" and self.args.kl_proxy == "companion"
@@ -233,9 +237,9 @@ class DAS(Method):
             return {}
         return {k: v for k, v in importance.items() if k in self.args.units}
 
-    def _general_importance(self, ctx) -> Importance:
+    def _general_importance(self, ctx: Context) -> Importance:
         kind = self.args.general_importance
-        seed = ctx.config.seed + 7
+        seed = ctx.seed_for("importance_general")
         if kind == "kl":
             return self._compute(ctx, ctx.corpus(0), "kl", seed)
         if kind == "mlm":
@@ -249,7 +253,7 @@ class DAS(Method):
                                      for k, s in self.gates.shapes.items()})
         return self.gates.zeros()  # "none"
 
-    def _save(self, ctx, name: str, importance: Importance) -> None:
+    def _save(self, ctx: Context, name: str, importance: Importance) -> None:
         ctx.save_artifact(f"importance_{name}.safetensors", importance)
 
     def mask(self) -> Importance:
@@ -258,7 +262,8 @@ class DAS(Method):
         imp = self.importance
         transform = self.args.importance_transform
         if transform == "permute":
-            rng = torch.Generator().manual_seed(len(self._history) + 1)
+            rng = torch.Generator().manual_seed(
+                stream_seed("importance_permute", 0, len(self._history)))
             imp = {k: v.flatten()[torch.randperm(v.numel(), generator=rng)].view_as(v)
                    for k, v in imp.items()}
         elif transform == "binary":
@@ -266,7 +271,7 @@ class DAS(Method):
         return self._keep_units(imp)  # kinds not acted on: unmasked
 
     # -- the loop's moments -------------------------------------------------------------
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         if self.importance is None:
             self.general = self._general_importance(ctx)
             self.importance = accumulate(None, self.general)
@@ -286,7 +291,7 @@ class DAS(Method):
             return ["full", "full", "gated"]
         return ["full", "full"]  # the gated view runs separately, without gradient
 
-    def forward(self, ctx, model, batch: dict[str, Tensor]) -> MLMOutput:
+    def forward(self, ctx: Context, model, batch: dict[str, Tensor]) -> MLMOutput:
         """One forward pass over [masked x; the views of x]: the MLM loss and every view's h(x)."""
         if self.args.contrast == "none" or self.args.contrast_weight == 0:
             return super().forward(ctx, model, batch)
@@ -310,7 +315,7 @@ class DAS(Method):
                                    .last_hidden_state, mask))
         return MLMOutput(loss=loss, hidden=hidden[:n], extra={"views": z})
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs: MLMOutput) -> Tensor:
         if "views" not in outputs.extra:
             return outputs.loss
         z = outputs.extra["views"]
@@ -324,13 +329,13 @@ class DAS(Method):
         contrast = info_nce(anchor, positive, negatives, self.args.temperature)
         return outputs.loss + self.args.contrast_weight * contrast
 
-    def after_backward(self, ctx) -> None:
+    def after_backward(self, ctx: Context) -> None:
         if self.args.softmask:
             softmask_gradients(self.gates, self._mask, self.args.softmask_units,
                                qkv=self.args.qkv_softmask)
 
-    def after_domain(self, ctx, t: int) -> None:
-        domain = self._compute(ctx, ctx.corpus(t), "mlm", ctx.config.seed + 100 + t)
+    def after_domain(self, ctx: Context, t: int) -> None:
+        domain = self._compute(ctx, ctx.corpus(t), "mlm", ctx.seed_for("importance_domain", t))
         self._save(ctx, f"domain{t}_{ctx.domains[t]}", domain)
         self.importance = accumulate(self.importance, domain)
         self._save(ctx, f"accumulated{t}", self.importance)

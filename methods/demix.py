@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from benchmark.config import knob
 from methods import register
 from methods.isolation import AdapterArgs, IsolationMethod
 from methods.modeling import encoder_of, mlm_forward, mlm_head_of
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +42,13 @@ class DemixArgs(AdapterArgs):
 
 
 @torch.no_grad()
-def corpus_loss(ctx, model: nn.Module, t: int, batches: int) -> float:
+def corpus_loss(ctx: Context, model: nn.Module, t: int, batches: int) -> float:
     """Mean masked-LM loss of `model` on domain t's corpus, with fixed masks."""
     was_training = model.training
     model.eval()
     data = ctx.corpus(t)
     n = min(batches, math.ceil(len(data) / ctx.config.dap_batch_size))
-    stream = ctx.mlm_batches(data, seed=0, shuffle=False)
+    stream = ctx.mlm_batches(data, seed=ctx.seed_for("expert_scoring"), shuffle=False)
     total, tokens = 0.0, 0
     for _ in range(n):
         batch = next(stream)
@@ -133,7 +137,7 @@ class Demix(IsolationMethod):
         self.needs_domain_id = not self.args.mixture
         self.past_tasks_unchanged = not self.args.mixture
 
-    def pick_expert(self, ctx, t: int) -> tuple[int, list[float]]:
+    def pick_expert(self, ctx: Context, t: int) -> tuple[int, list[float]]:
         """(index of the existing expert with the lowest perplexity on C_t, the perplexities)."""
         perplexities = []
         for j in range(t):
@@ -142,7 +146,7 @@ class Demix(IsolationMethod):
             perplexities.append(math.exp(min(loss, 50.0)))
         return min(range(t), key=perplexities.__getitem__), perplexities
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         if t > 0:
             best, perplexities = self.pick_expert(ctx, t)
             self.modules.copy(self.names[best], self.names[t])
@@ -155,7 +159,7 @@ class Demix(IsolationMethod):
             ctx.save_artifact("demix.json", record)
         super().before_domain(ctx, t)
 
-    def model_for_task(self, ctx, i: int) -> nn.Module:
+    def model_for_task(self, ctx: Context, i: int) -> nn.Module:
         if not self.args.mixture:
             return super().model_for_task(ctx, i)
         experts = self.names[: ctx.t + 1]

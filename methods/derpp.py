@@ -41,7 +41,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from torch import Tensor
 from methods import Method, knob, non_negative, positive, register
 from methods.buffer import ReservoirBuffer
 from methods.modeling import mlm_forward, mlm_head_of
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +105,16 @@ class DERpp(Method):
         self.corpus_sizes: list[int] = []
         self.device = None
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         self.corpus_sizes = [len(ctx.corpus(t)) for t in range(len(ctx.domains))]
         size = self.args.buffer_size or max(1, round(self.args.buffer_share
                                                      * sum(self.corpus_sizes)))
-        self.buffer = ReservoirBuffer(size, seed=ctx.config.seed)
+        self.buffer = ReservoirBuffer(size, seed=ctx.seed_for("buffer"))
         self.device = ctx.accelerator.device
         log.info("derpp: a buffer of %d sequences, %.3f %% of the run's %d corpus sequences",
                  size, 100 * size / sum(self.corpus_sizes), sum(self.corpus_sizes))
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs) -> Tensor:
         loss = outputs.loss
         if len(self.buffer) and ctx.step % self.args.replay_every == 0:
             loss = loss + self.replay_loss(ctx.model, ctx.config.dap_batch_size)
@@ -136,12 +139,12 @@ class DERpp(Method):
         return self.args.alpha * mse + self.args.beta * mlm
 
     @torch.no_grad()
-    def fill_from_domain(self, ctx, t: int) -> None:
+    def fill_from_domain(self, ctx: Context, t: int) -> None:
         """Offer sequences of domain t's corpus to the reservoir with the model's outputs now."""
         data = ctx.corpus(t)
         offer = min(len(data), self.args.fill_sequences)
         batch_size = ctx.config.dap_batch_size
-        batches = ctx.mlm_batches(data, seed=ctx.config.seed * 7919 + t, batch_size=batch_size)
+        batches = ctx.mlm_batches(data, seed=ctx.seed_for("derpp_replay", t), batch_size=batch_size)
         for _ in range(math.ceil(offer / batch_size)):
             batch = next(batches)
             take = min(batch["input_ids"].shape[0], offer)
@@ -155,7 +158,7 @@ class DERpp(Method):
             self.store(ctx, kept, list(range(len(rows))), slots, hidden, t)
 
     @torch.no_grad()
-    def store(self, ctx, batch: dict[str, Tensor], rows: list[int], slots: list[int],
+    def store(self, ctx: Context, batch: dict[str, Tensor], rows: list[int], slots: list[int],
               hidden: Tensor, t: int) -> None:
         """Write rows `rows` of `batch` (and of its outputs `hidden`) into buffer `slots`."""
         if not rows:
@@ -174,12 +177,12 @@ class DERpp(Method):
             "domain": torch.full((len(rows),), t, dtype=torch.long, device=hidden.device),
         })
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         if self.args.fill == "after_domain":
             self.fill_from_domain(ctx, t)
         self.record(ctx, t)
 
-    def record(self, ctx, t: int) -> None:
+    def record(self, ctx: Context, t: int) -> None:
         """Append to `artifacts/derpp.json` what the buffer holds after domain t."""
         domains = self.buffer.data.get("domain", torch.zeros(0, dtype=torch.long))
         held = Counter(domains[: len(self.buffer)].tolist())

@@ -21,10 +21,17 @@ from model i, like `one`. The companion code's other choices are DAS's options (
 the preset `dga-one` sets them as the companion code runs.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from methods import register
 from methods.das import DAS
 from methods.gates import accumulate
 from methods.modeling import copy_weights
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @register("dga")
@@ -40,20 +47,20 @@ class DGAOne(DGA):
     table_rank = 155
     past_tasks_unchanged = True
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         copy_weights(ctx.model, ctx.base_model())
         self.general = self._general_importance_of(ctx, t)
         self.importance = accumulate(None, self.general)  # a copy: this domain's alone
         self._save(ctx, f"general{t}_{ctx.domains[t]}", self.general)
         super().before_domain(ctx, t)
 
-    def _general_importance_of(self, ctx, t: int):
+    def _general_importance_of(self, ctx: Context, t: int):
         if self.args.general_importance != "kl":
             return self._general_importance(ctx)
-        return self._compute(ctx, ctx.corpus(t), "kl", ctx.config.seed + 7 + t)
+        return self._compute(ctx, ctx.corpus(t), "kl", ctx.seed_for("importance_dga", t))
 
     def _has_importance(self) -> bool:
         return self.args.general_importance != "none"  # no domain importance is ever added
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         self._history.append(t)  # no MLM importance after a domain (companion: before_distill)

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from methods import Method, knob, non_negative, positive, register
 from methods.modeling import mlm_forward
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @dataclass
@@ -71,14 +74,14 @@ class EWC(Method):
         self.domains = 0  # how many domains the Fisher covers
         self.device = None
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         self.device = ctx.accelerator.device
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         self.anchor = {n: p.detach().clone() for n, p in ctx.model.named_parameters()
                        if n in self.fisher}
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs) -> Tensor:
         if not self.fisher:
             return outputs.loss
         return outputs.loss + self.penalty(ctx.model)
@@ -89,10 +92,10 @@ class EWC(Method):
                     for n, p in model.named_parameters() if n in self.fisher)
         return self.args.lam / 2 * total
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         companion = self.args.fisher_form == "companion"
         fresh = diagonal_fisher(
-            ctx, ctx.corpus(t), self.args.fisher_sequences, seed=ctx.config.seed * 1009 + t,
+            ctx, ctx.corpus(t), self.args.fisher_sequences, seed=ctx.seed_for("fisher", t),
             batch_size=self.args.fisher_batch_size or ctx.config.dap_batch_size,
             per_batch=companion, penalty=self.penalty if companion and self.fisher else None)
         if not self.fisher:
@@ -115,7 +118,7 @@ class EWC(Method):
                        if k.startswith("fisher.")}
 
 
-def diagonal_fisher(ctx, data, sequences: int, seed: int, batch_size: int | None = None,
+def diagonal_fisher(ctx: Context, data, sequences: int, seed: int, batch_size: int | None = None,
                     per_batch: bool = False, penalty=None) -> dict[str, Tensor]:
     """Empirical diagonal Fisher `Σ_B |B| · g_B²` on batches of `data` covering `sequences`.
 

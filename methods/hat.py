@@ -39,7 +39,7 @@ import copy
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,9 @@ from methods import Method, register
 from methods.base import DapPlan
 from methods.gates import KINDS, Importance, UnitGates, softmask_gradients
 from methods.modeling import encoder_of, trainable
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class HAT(Method):
         self.device = None
         self.batches_per_epoch = 1  # B of §2.4, set by `dap_plan`
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         self.gates = UnitGates(ctx.model)
         self.device = ctx.accelerator.device
         if ctx.config.dap_weight_decay > 0:
@@ -98,15 +101,15 @@ class HAT(Method):
                         ctx.config.dap_weight_decay)
 
     # -- training ----------------------------------------------------------------------
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         if t not in self.embeddings:
-            generator = torch.Generator().manual_seed(ctx.config.seed * 1009 + t)
+            generator = torch.Generator().manual_seed(ctx.seed_for("fisher", t))
             self.embeddings[t] = {
                 kind: nn.Parameter(torch.randn(shape, generator=generator).to(self.device))
                 for kind, shape in self.gates.shapes.items()}
         self.gates.values = _AnnealedGates(self, ctx)
 
-    def dap_plan(self, ctx, t: int) -> DapPlan | None:
+    def dap_plan(self, ctx: Context, t: int) -> DapPlan | None:
         """The default plan; B, the batches of one epoch of its stream (`mlm_loader` drops a
         last partial batch when it shuffles), for the annealing."""
         plan = super().dap_plan(ctx, t)
@@ -114,10 +117,10 @@ class HAT(Method):
             self.batches_per_epoch = max(len(plan.data) // ctx.config.dap_batch_size, 1)
         return plan
 
-    def parameters(self, ctx) -> list[nn.Parameter]:
+    def parameters(self, ctx: Context) -> list[nn.Parameter]:
         return trainable(ctx.model) + list(self.embeddings[ctx.t].values())
 
-    def slope(self, ctx) -> float:
+    def slope(self, ctx: Context) -> float:
         """s at the current step (`anneal`, see the module docstring)."""
         s_max, anneal = self.args.s_max, self.args.anneal
         if anneal == "domain":
@@ -140,7 +143,7 @@ class HAT(Method):
                 k: torch.stack([m[k] for m in masks]).amax(0) for k in KINDS}
         return self._cumulative[before]
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs) -> Tensor:
         gates = self.gates.values
         used = self.cumulative(ctx.t)
         free = {k: torch.ones_like(gates[k]) if used is None else 1 - used[k] for k in KINDS}
@@ -149,7 +152,7 @@ class HAT(Method):
         return outputs.loss + self.args.c * taken / count.clamp(min=1.0)
 
     @torch.no_grad()
-    def after_backward(self, ctx) -> None:
+    def after_backward(self, ctx: Context) -> None:
         used = self.cumulative(ctx.t)
         if used is not None:
             if self.args.form == "paper":
@@ -163,7 +166,7 @@ class HAT(Method):
                 e.grad.mul_(a.s_max / s * num / (torch.cosh(e) + 1))
 
     @torch.no_grad()
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         self.gates.values = None
         for e in self.embeddings[t].values():
             e.clamp_(-self.args.thres_emb, self.args.thres_emb)
@@ -177,7 +180,7 @@ class HAT(Method):
         log.info("HAT: mean cumulative attention of domains ≤ %d: %s", t, share)
 
     # -- end tasks -----------------------------------------------------------------------
-    def model_for_task(self, ctx, i: int) -> nn.Module:
+    def model_for_task(self, ctx: Context, i: int) -> nn.Module:
         """A copy of the encoder whose units are gated by m_i in every forward.
 
         The copy's gate hooks close over their own `UnitGates`; copies of the copy (the loop

@@ -384,7 +384,7 @@ class IsolationMethod(Method):
                              "(eval: probe) trains none, use eval: finetune")
         self.names = list(ctx.domains) if self.per_domain else [SHARED]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.config.seed)
+            torch.manual_seed(ctx.seed_for("module_init"))
             self.modules = KINDS[self.kind].build(ctx, self.args, self.names)
         ctx.model = self.modules.model
         module = count(self.modules.parameters(self.names[0]))

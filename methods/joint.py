@@ -18,10 +18,17 @@ is recorded per domain in `dap_steps` ((t + 1) · `dap_steps`) and in tokens and
 record's `compute["dap"]` (`table --compute`: × ncl ≈ 3.5 at T = 6).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from datasets import concatenate_datasets
 
 from methods import DapPlan, Method, register
 from methods.modeling import copy_weights
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @register("joint")
@@ -36,10 +43,10 @@ class JointRetrain(Method):
                     "the sequence as dap_rewarm: false asks; use dap_rewarm: true")
         return None
 
-    def before_domain(self, ctx, t):
+    def before_domain(self, ctx: Context, t):
         copy_weights(ctx.model, ctx.base_model())
 
-    def dap_plan(self, ctx, t):
+    def dap_plan(self, ctx: Context, t):
         corpora = [ctx.corpus(i) for i in range(t + 1)]
         data = corpora[0] if t == 0 else concatenate_datasets(corpora)
         return DapPlan(data, ctx.config.dap_steps * (t + 1))

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from torch import Tensor, nn
 
 from methods import Method, MethodError, knob, positive, register
 from methods.modeling import encoder_of, mlm_head_of
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Distillation(Method):
                               "target 'logits' needs form 'token'")
         self.teacher: nn.Module | None = None
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         if self.args.form == "sequence":
             # θ0 for the first domain (ctx.model is still θ0 then), the previous domain's model
             # after; dropout on, as the companion code's teacher follows the model's train()
@@ -82,7 +85,7 @@ class Distillation(Method):
         elif t > 0:
             self.teacher = frozen_copy(ctx.model, dropout=False)
 
-    def loss(self, ctx, batch: dict[str, Tensor], outputs) -> Tensor:
+    def loss(self, ctx: Context, batch: dict[str, Tensor], outputs) -> Tensor:
         if self.teacher is None:
             return outputs.loss
         if self.args.form == "sequence":
@@ -112,7 +115,7 @@ class Distillation(Method):
         student = mlm_head_of(model)(hidden[picked]) if logits else hidden[picked]
         return kl_divergence(student, teacher, self.args.temperature)
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         self.teacher = None  # free the copy while the end tasks are fine-tuned
 
 

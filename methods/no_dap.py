@@ -1,6 +1,13 @@
 """`base` (the paper's "RoBERTa" row): no DAP-training; every end task starts from θ0."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from methods import Method, register
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @register("base")
@@ -11,5 +18,5 @@ class NoDap(Method):
 
     past_tasks_unchanged = True
 
-    def dap_plan(self, ctx, t):
+    def dap_plan(self, ctx: Context, t):
         return None

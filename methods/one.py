@@ -6,8 +6,15 @@ tokens and FLOPs as `ncl` (recorded per domain in `dap_steps` and in total in th
 end-task compute is T fine-tunings against ncl's T (T + 1) / 2 (`eval_matrix: full`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from methods import Method, register
 from methods.modeling import copy_weights
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @register("one")
@@ -17,5 +24,5 @@ class OnePerDomain(Method):
 
     past_tasks_unchanged = True
 
-    def before_domain(self, ctx, t):
+    def before_domain(self, ctx: Context, t):
         copy_weights(ctx.model, ctx.base_model())

@@ -6,9 +6,16 @@ budget equals `ncl`'s (T × `dap_steps` steps of `dap_batch_size`, the same toke
 recorded as `dap_steps` [T × `dap_steps`, 0, …] and in the record's `compute["dap"]`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from datasets import concatenate_datasets
 
 from methods import DapPlan, Method, register
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 
 @register("pool")
@@ -26,7 +33,7 @@ class Pooled(Method):
                     "dap_rewarm: true (its single schedule is then the whole sequence's)")
         return None
 
-    def dap_plan(self, ctx, t):
+    def dap_plan(self, ctx: Context, t):
         if t > 0:
             return None
         corpora = [ctx.corpus(i) for i in range(len(ctx.domains))]

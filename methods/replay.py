@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +53,9 @@ from benchmark.config import below_one
 from benchmark.data import MLMCollator
 from methods import Method, knob, register
 from methods.modeling import MLMOutput, mlm_forward
+
+if TYPE_CHECKING:
+    from methods.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,9 @@ def source_rows(source: str, n: int, t: int) -> tuple[int, int]:
 class ReplaySampler:
     """Seeded draws of replayed sequences and their masks; the state resumes the stream."""
 
-    def __init__(self, tokenizer, mlm_probability: float, seed: int) -> None:
+    def __init__(self, tokenizer, mlm_probability: float, seed: int, mask_seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
-        self.collator = MLMCollator(tokenizer, mlm_probability, seed + 1)
+        self.collator = MLMCollator(tokenizer, mlm_probability, mask_seed)
 
     def draw(self, general, past: list, n_general: int, n_past: int) -> tuple[list, list[int]]:
         """(rows {"input_ids"}, source of each: -1 general, d past domain d) drawn: general
@@ -147,10 +150,10 @@ class Replay(Method):
         self.general = None
         self.counts: Counter = Counter()
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: Context) -> None:
         cfg = ctx.config
         self.sampler = ReplaySampler(ctx.tokenizer, cfg.mlm_probability,
-                                     ctx.seed_for("replay", 0))
+                                     ctx.seed_for("replay"), ctx.seed_for("replay_masks"))
         if self.args.source != "past":
             self.general = ctx.replay_corpus()
             if self.general is None:
@@ -160,10 +163,10 @@ class Replay(Method):
         log.info("replay: %d of %d rows per DAP batch from %s", n, cfg.dap_batch_size,
                  self.args.source)
 
-    def before_domain(self, ctx, t: int) -> None:
+    def before_domain(self, ctx: Context, t: int) -> None:
         self.counts = Counter()
 
-    def mix(self, ctx, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def mix(self, ctx: Context, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch with its last rows replaced by this step's replayed rows."""
         world = ctx.accelerator.num_processes
         current = batch["input_ids"].shape[0]  # B / world, less where a corpus is smaller
@@ -185,10 +188,10 @@ class Replay(Method):
             self.counts[f"{name}_tokens"] += int(length)
         return combine(batch, replayed, ctx.tokenizer.pad_token_id)
 
-    def forward(self, ctx, model, batch: dict[str, Tensor]) -> MLMOutput:
+    def forward(self, ctx: Context, model, batch: dict[str, Tensor]) -> MLMOutput:
         return mlm_forward(model, self.mix(ctx, batch))
 
-    def after_domain(self, ctx, t: int) -> None:
+    def after_domain(self, ctx: Context, t: int) -> None:
         """Append to `artifacts/replay.json` the rows and tokens domain t trained per source."""
         path = ctx.artifacts_dir / "replay.json"
         record = read_json(path) if path.exists() else {}

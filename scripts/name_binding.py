@@ -13,7 +13,7 @@ import argparse
 import copy
 
 from benchmark.basemodel import load_base_model
-from benchmark.training import train_mlm
+from benchmark.mlm import train_mlm
 from tasks import load_suite, synthetic
 
 

@@ -17,6 +17,7 @@ import benchmark.compat as compat
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
+from benchmark.dap import dap_step
 from methods import MethodError, build_method
 from methods.ewc import diagonal_fisher
 
@@ -84,16 +85,16 @@ def train_domain(ctx, method, t: int, steps: int = 3, lr: float = 1e-2, seen=Non
     losses = []
     for step in range(steps):
         ctx.step = step
-        batch = next(batches)
-        outputs = method.forward(ctx, ctx.model, batch)
-        if seen is not None:
-            seen.append(ctx.model.training)
-        loss = method.loss(ctx, batch, outputs)
-        loss.backward()
-        method.after_backward(ctx)
-        optimizer.step()
-        method.after_step(ctx)
-        optimizer.zero_grad(set_to_none=True)
+
+        def loss_of(batch):
+            outputs = method.forward(ctx, ctx.model, batch)
+            if seen is not None:
+                seen.append(ctx.model.training)
+            return method.loss(ctx, batch, outputs)
+
+        loss = dap_step(loss_of, next(batches), params, optimizer, None, None,
+                        after_backward=lambda: method.after_backward(ctx),
+                        after_step=lambda: method.after_step(ctx))
         losses.append(loss.item())
     method.after_domain(ctx, t)
     return losses

@@ -23,8 +23,8 @@ import methods.replay as replay_module
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import ConfigError, RunConfig, build_config
 from benchmark.context import Context
+from benchmark.dap import dap_train
 from benchmark.schedule import dap_schedule, lr_factor
-from benchmark.training import dap_train
 from methods import build_method
 from methods.replay import replay_rows, source_rows
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmark.bench import FlopCounter, main, random_corpus, random_roberta, random_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
-from benchmark.training import dap_train
+from benchmark.dap import dap_train
 from methods import DapPlan, build_method
 
 

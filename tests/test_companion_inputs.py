@@ -8,7 +8,7 @@ from datasets import Dataset, load_dataset
 from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import BertConfig, BertForMaskedLM, RobertaTokenizerFast
 
-from benchmark import training
+from benchmark import finetune
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import ConfigError, build_config
 from benchmark.context import Context
@@ -105,9 +105,9 @@ def test_fine_tuning_optimiser_decay_and_eps(tiny_suite, tmp_path, monkeypatch, 
     Recorder.made = []
     monkeypatch.setattr(torch.optim, "AdamW", Recorder)
     built = []
-    real = training.task_model
-    monkeypatch.setattr(training, "task_model", lambda e, n: built.append(real(e, n)) or built[-1])
-    training.finetune_and_test(ctx, encoder_of(model), split, split, task.num_labels, seed=0,
+    real = finetune.task_model
+    monkeypatch.setattr(finetune, "task_model", lambda e, n: built.append(real(e, n)) or built[-1])
+    finetune.finetune_and_test(ctx, encoder_of(model), split, split, task.num_labels, seed=0,
                                desc="t", epochs=1)
     optimizer, classifier = Recorder.made[0], built[0]
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

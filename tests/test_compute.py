@@ -10,8 +10,8 @@ from benchmark.__main__ import main
 from benchmark.atomic import DamagedFile
 from benchmark.basemodel import load_base_model
 from benchmark.data import dap_sequences, endless, mlm_loader
+from benchmark.protocol import domain_seed
 from benchmark.record import RunRecord
-from benchmark.training import domain_seed
 
 STEPS, BATCH, WIDTH, SEED = 3, 16, 16, 2021  # --dap-steps 3; tiny: dap_batch_size, max_length
 IMPORTANCE_BATCHES, IMPORTANCE_BATCH = 2, 16  # tiny: importance_batches, importance_batch_size

@@ -22,7 +22,8 @@ from transformers import RobertaConfig, RobertaForMaskedLM
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config, read_preset
 from benchmark.context import Context
-from benchmark.training import dap_train, domain_seed
+from benchmark.dap import dap_train
+from benchmark.protocol import domain_seed
 from methods import DapPlan, build_method
 from methods.gates import FORMS, UnitGates, gate_gradients, normalize, softmask_gradients
 

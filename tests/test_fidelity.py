@@ -22,7 +22,8 @@ from transformers import (
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
-from benchmark.training import task_model
+from benchmark.dap import dap_step
+from benchmark.finetune import task_model
 from methods import build_method
 from methods.modeling import encoder_of, mlm_forward
 
@@ -53,11 +54,8 @@ def train_steps(ctx, method, t: int, steps: int = 3, lr: float = 1e-2) -> None:
     batches = ctx.mlm_batches(ctx.corpus(t), seed=100 + t)
     for step in range(steps):
         ctx.step = step
-        batch = next(batches)
-        method.loss(ctx, batch, method.forward(ctx, ctx.model, batch)).backward()
-        method.after_backward(ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        dap_step(lambda b: method.loss(ctx, b, method.forward(ctx, ctx.model, b)), next(batches),
+                 params, optimizer, None, None, after_backward=lambda: method.after_backward(ctx))
 
 
 def weights(model) -> list[torch.Tensor]:

@@ -11,13 +11,14 @@ from accelerate import Accelerator
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM
 
-from benchmark import training
+from benchmark import finetune
 from benchmark.basemodel import word_tokenizer
 from benchmark.checkpoint import load_checkpoint, save_checkpoint
 from benchmark.config import RunConfig
 from benchmark.context import Context
+from benchmark.dap import dap_train
 from benchmark.data import tokenize_task
-from benchmark.training import dap_train, task_model
+from benchmark.finetune import task_model
 from methods import build_method
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -121,11 +122,11 @@ def test_end_task_fine_tuning_freezes_the_lm_unless_asked(tmp_path, monkeypatch,
         built.append((model, {n: p.detach().clone() for n, p in model.named_parameters()}))
         return model
 
-    monkeypatch.setattr(training, "task_model", keep)
+    monkeypatch.setattr(finetune, "task_model", keep)
     texts = ["w1 w2 w3", "w13 w14", "w4 w5 w6 w7", "w15 w16 w17", "w2 w9", "w20 w21 w22"]
     split = tokenize_task(Dataset.from_dict({"text": texts, "label": [0, 1] * 3}),
                           ctx.tokenizer, 16)
-    training.finetune_and_test(ctx, method.model_for_task(ctx, 0), split, split, 2, seed=0,
+    finetune.finetune_and_test(ctx, method.model_for_task(ctx, 0), split, split, 2, seed=0,
                                desc="test", epochs=2)
     model, start = built[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}

@@ -16,9 +16,9 @@ from transformers import BertConfig, BertModel
 
 from benchmark.__main__ import main
 from benchmark.config import RunConfig
+from benchmark.finetune import finetune_and_test
 from benchmark.probe import probe_and_test
 from benchmark.record import load
-from benchmark.training import finetune_and_test
 
 PAD, MARKERS = 0, (5, 6)
 

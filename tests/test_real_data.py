@@ -362,7 +362,7 @@ def test_mlm_head_warmup_trains_the_head_alone(tiny_suite):
     from transformers import BertConfig, BertForMaskedLM
 
     from benchmark.basemodel import word_tokenizer
-    from benchmark.training import warm_up_mlm_head
+    from benchmark.mlm import warm_up_mlm_head
     from methods.modeling import encoder_of
 
     tokenizer = word_tokenizer(tiny_suite.vocabulary)

@@ -12,6 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 from benchmark.basemodel import word_tokenizer
 from benchmark.config import build_config
 from benchmark.context import Context
+from benchmark.dap import dap_step
 from methods import build_method
 from methods.buffer import ReservoirBuffer
 from methods.ewc import diagonal_fisher
@@ -41,12 +42,9 @@ def train_steps(ctx, method, t: int, steps: int = 3, lr: float = 1e-2) -> list[f
     losses = []
     for step in range(steps):
         ctx.step = step
-        batch = next(batches)
-        loss = method.loss(ctx, batch, mlm_forward(ctx.model, batch))
-        loss.backward()
-        method.after_backward(ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = dap_step(lambda b: method.loss(ctx, b, mlm_forward(ctx.model, b)), next(batches),
+                        params, optimizer, None, None,
+                        after_backward=lambda: method.after_backward(ctx))
         losses.append(loss.item())
     return losses
 
