@@ -325,6 +325,7 @@ def resume_from(stored: Resumed, ctx: Context, method: Method,
 def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: int) -> None:
     """DAP-train domain t with the method's hooks and append its losses, steps and times."""
     start = time.perf_counter()
+    weights = fingerprint(ctx.model)
     # hooks may use dropout or sampling (importance, Fisher): seed them per domain too
     set_seed(ctx.seed_for("before_domain", t))
     with counted(ctx, "method"):
@@ -337,24 +338,29 @@ def train_domain(ctx: Context, method: Method, record: RunRecord, general, t: in
     with counted(ctx, "method"):
         method.after_domain(ctx, t)
     check_finite(ctx, losses, t, weights=True)
+    # no DAP and the weights as they were (base, pool after its one phase): the losses of the
+    # last row are this row's (the same forward passes on the same weights and fixed masks)
+    same = plan is None and fingerprint(ctx.model) == weights
     general_loss = None
     if general is not None:
-        general_loss = ctx.mlm_eval_loss(ctx.model, general)
+        general_loss = (record.general_mlm_loss[-1] if same and record.general_mlm_loss
+                        else ctx.mlm_eval_loss(ctx.model, general))
         check_finite(ctx, [general_loss], t, "general MLM loss")
-    record_mlm_losses(ctx, record, t + 1)
+    record_mlm_losses(ctx, record, t + 1, same)
     ctx.protocol.record_domain(record, losses, plan.steps if plan is not None else 0,
                                general_loss, time.perf_counter() - start)
 
 
-def record_mlm_losses(ctx: Context, record: RunRecord, row: int) -> None:
+def record_mlm_losses(ctx: Context, record: RunRecord, row: int, same: bool = False) -> None:
     """Row `row` of the MLM-loss matrix (0: θ0, t + 1: after domain t): the model's MLM loss on
-    every domain's held-out text (forward passes, fixed masks), and its seconds. A run resumed
-    from a record without the earlier rows records none (a partial matrix would mislead)."""
+    every domain's held-out text (forward passes, fixed masks), and its seconds; `same`: the
+    weights are those of the row before, whose losses are copied. A run resumed from a record
+    without the earlier rows records none (a partial matrix would mislead)."""
     if len(record.mlm_loss) != row:
         return
     start = time.perf_counter()
-    losses = [ctx.mlm_eval_loss(ctx.model, ctx.heldout_corpus(i))
-              for i in range(len(ctx.domains))]
+    losses = list(record.mlm_loss[-1]) if same and row else [
+        ctx.mlm_eval_loss(ctx.model, ctx.heldout_corpus(i)) for i in range(len(ctx.domains))]
     if row:
         check_finite(ctx, losses, row - 1, "held-out MLM loss")
     ctx.protocol.record_mlm_row(record, losses, time.perf_counter() - start)

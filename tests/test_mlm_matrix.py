@@ -326,3 +326,27 @@ def test_the_data_digest_covers_held_out_and_general_text(tiny_suite):
     after = edited.data_digest(names)
     changed = sorted(k for k in before if before[k] != after.get(k))
     assert changed == [f"syn6 domain {names[1]!r} heldout", "syn6 pre-training corpus"]
+
+
+def test_a_domain_without_dap_copies_the_last_rows_which_recomputing_gives(runs, tmp_path,
+                                                                          monkeypatch):
+    # base never changes θ0: its rows after θ0 are copied, not evaluated again; recomputing
+    # them (every domain's weights taken for new) gives the same numbers
+    import itertools
+
+    import benchmark.loop as loop
+    from benchmark.context import Context
+
+    calls = []
+    evaluate = Context.mlm_eval_loss
+    monkeypatch.setattr(Context, "mlm_eval_loss",
+                        lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k))
+    copied = _run(tmp_path / "copied", "base")
+    size = len(copied["domains"])
+    assert len(calls) == size + 1  # θ0's row and θ0's general loss, nothing after
+    counter = itertools.count()
+    monkeypatch.setattr(loop, "fingerprint", lambda model: f"new {next(counter)}")
+    recomputed = _run(tmp_path / "recomputed", "base")
+    assert len(calls) == 2 * (size + 1) + size * (size + 1)
+    assert copied["mlm_loss"] == recomputed["mlm_loss"] == runs["base"]["mlm_loss"]
+    assert copied["general_mlm_loss"] == recomputed["general_mlm_loss"]
