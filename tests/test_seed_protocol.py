@@ -4,10 +4,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmark import loop, training
+from benchmark import loop
 from benchmark.basemodel import load_base_model
 from benchmark.config import ConfigError, build_config
 from benchmark.data import tokenize_task
+from benchmark.finetune import CellScore
 from benchmark.record import RunRecord
 from benchmark.tables import build_tables
 from methods import build_method
@@ -31,7 +32,7 @@ def two_domains(tiny_suite, tmp_path, monkeypatch, seed: int, dap_seed: int | No
 
     def finetune(ctx, encoder, train, test, num_labels, seed, desc, epochs=None):
         seeds.append(seed)
-        return training.CellScore(0.0, 0.0, 0.0, False)
+        return CellScore(0.0, 0.0, 0.0, False)
 
     monkeypatch.setattr(loop, "finetune_and_test", finetune)
     task = tiny_suite.domains[names[0]].task
