@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,8 +78,15 @@ def run_identity(res: dict) -> str:
 def _row_key(row: str) -> tuple[float, str]:
     """Rows sort by the `table_rank` of the method their label starts with ("das w/o contrast"
     sits with `das`), then by label; labels of unranked or unknown methods come last. The rank
-    is read from the method's source (`benchmark.method_info`): sorting imports no torch."""
-    rank = declared("table_rank").get(row.split()[0])
+    is read from the method's source (`benchmark.method_info`): sorting imports no torch; where
+    the method registry is already imported (a method registered in this process), its classes
+    are asked instead."""
+    name = row.split()[0]
+    registry = getattr(sys.modules.get("methods"), "_REGISTRY", None)
+    if registry is not None and name in registry:
+        rank = registry[name].table_rank
+    else:
+        rank = declared("table_rank").get(name)
     return (math.inf if rank is None else rank, row)
 
 

@@ -114,8 +114,8 @@ def test_a_resumed_run_does_not_evaluate_theta0_again(tmp_path, killed_at, monke
     killed_at(args, "checkpoint:0")
     rows: list[int] = []
     real = loop.record_mlm_losses
-    monkeypatch.setattr(loop, "record_mlm_losses",
-                        lambda ctx, record, row: rows.append(row) or real(ctx, record, row))
+    monkeypatch.setattr(loop, "record_mlm_losses", lambda ctx, record, row, *rest:
+                        rows.append(row) or real(ctx, record, row, *rest))
     assert main([*args, "--resume"]) == 0
     # the wrong variant, θ0's row evaluated again before the stored record replaces it: [0, 2, 3]
     assert rows == [2, 3]
