@@ -21,25 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from benchmark.atomic import atomic_path
 from benchmark.config import RunConfig, cache_root
 from benchmark.kernels import kernel_setting
-from benchmark.mlm import warm_up_mlm_head
+from benchmark.mlm import head_tensors, warm_up_mlm_head
 from benchmark.protocol import stream_seed
-from methods.modeling import encoder_of, mlm_head_of
 from tasks.registry import dataset_sha256
 
 log = logging.getLogger(__name__)
-
-
-def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The head's own tensors (those it does not share with the encoder), by state-dict name."""
-    shared = {id(p) for p in encoder_of(model).parameters()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: p for p in mlm_head_of(model).parameters() if id(p) not in shared}
 
 
 def cache_key(cfg: RunConfig, base_fingerprint: str, text) -> str:
@@ -83,11 +76,9 @@ def warm_up(model: nn.Module, tokenizer, text, cfg: RunConfig, base_fingerprint:
 
 
 def _load(model: nn.Module, path: Path, compute) -> list[float]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
+    with safe_open(str(path), "pt") as handle:  # one read: the tensors and their metadata
         meta: dict[str, Any] = handle.metadata() or {}
-    stored = load_file(str(path))
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     head = head_tensors(model)
     if set(stored) != set(head) or any(stored[k].shape != head[k].shape for k in head):
         raise ValueError("its tensors are not this model's head")

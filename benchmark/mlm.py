@@ -56,6 +56,14 @@ def pretrain_mlm(model: nn.Module, tokenizer, corpus: Dataset, steps: int, batch
     model.eval()
 
 
+def head_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The MLM head's own parameters (not those it shares with the encoder, such as the tied
+    decoder), by state-dict name."""
+    shared = {id(p) for p in encoder_of(model).parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: p for p in mlm_head_of(model).parameters() if id(p) not in shared}
+
+
 def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
                      batch_size: int, lr: float, max_length: int, mlm_probability: float,
                      seed: int = 0, group_texts: bool = False,
@@ -67,8 +75,7 @@ def warm_up_mlm_head(model: nn.Module, tokenizer, corpus: Dataset, steps: int,
     encoder (the tied decoder = word embeddings) stay fixed, so the encoder, and with it every
     no-DAP number, is unchanged. Deterministic for a seed; torch's RNG state is left as it was.
     """
-    shared = {id(p) for p in encoder_of(model).parameters()}
-    head = [p for p in mlm_head_of(model).parameters() if id(p) not in shared]
+    head = list(head_tensors(model).values())
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
